@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of DASH against the tools a user would otherwise reach for."""

@@ -1,0 +1,135 @@
+"""Entry point of the supervised Dask scheduler subprocess (``python -m dash_gateway.scheduler_process``).
+
+It must not import jupyter_server: user code that reaches the scheduler (``run_on_scheduler``,
+pickled plugins) then runs here, never inside the Jupyter Server process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+
+import dask
+from distributed import Scheduler
+
+from dash_gateway.tls import security_for
+
+log = logging.getLogger("dash_gateway.scheduler_process")
+
+# After a shutdown is asked for, the process leaves within this many seconds, whatever hangs.
+HARD_EXIT_AFTER = 10.0
+PARENT_POLL_INTERVAL = 0.5
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line the gateway builds for this subprocess."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dash_gateway.scheduler_process",
+        description="Run the DASH cluster's Dask scheduler with mutual TLS.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: a free one)")
+    parser.add_argument("--tls-ca", required=True, help="CA certificate (PEM file)")
+    parser.add_argument("--tls-cert", required=True, help="scheduler certificate (PEM file)")
+    parser.add_argument("--tls-key", required=True, help="scheduler private key (PEM file)")
+    parser.add_argument(
+        "--address-file", help="write {'address': 'tls://host:port', 'pid': N} here once listening"
+    )
+    parser.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="exit when this process is no longer our parent (default: the parent at start; 0: never)",
+    )
+    return parser.parse_args(argv)
+
+
+def write_address_file(path: str, address: str) -> None:
+    """Atomically write the scheduler's address for the parent to pick up."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".scheduler-address.")
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"address": address, "pid": os.getpid()}, handle)
+    os.replace(tmp, path)
+
+
+async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        if os.getppid() != parent_pid:
+            log.warning("Parent process %d is gone; shutting the scheduler down", parent_pid)
+            stop.set()
+            return
+        await asyncio.sleep(PARENT_POLL_INTERVAL)
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Start the scheduler, publish its address, and run until told to stop or orphaned."""
+    security = security_for("scheduler", ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    parent_pid = os.getppid() if args.parent_pid is None else args.parent_pid
+    watchers = []
+    if parent_pid:
+        watchers.append(asyncio.create_task(_watch_parent(parent_pid, stop)))
+
+    # Dask's HTTP server has no authentication: serve only the health check, on the
+    # scheduler's own interface and a free port (8787 would clash between gateways).
+    dask.config.set({"distributed.scheduler.http.routes": ["distributed.http.health"]})
+    scheduler = Scheduler(
+        host=args.host,
+        port=args.port,
+        protocol="tls",
+        security=security,
+        dashboard=False,
+        dashboard_address=f"{args.host}:0" if ":" not in args.host else None,
+        jupyter=False,
+    )
+    await scheduler
+    log.info("DASH scheduler listening at %s", scheduler.address)
+    if args.address_file:
+        write_address_file(args.address_file, scheduler.address)
+
+    finished = asyncio.create_task(scheduler.finished())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([finished, stopped], return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if not stop.is_set():
+        log.error("The scheduler closed by itself")
+        code = 1
+    else:
+        _arm_hard_exit()
+        with contextlib.suppress(Exception):
+            await scheduler.close(reason="dash-gateway-shutdown")
+    for task in (*watchers, finished, stopped):
+        task.cancel()
+    return code
+
+
+def _arm_hard_exit() -> None:
+    timer = threading.Timer(HARD_EXIT_AFTER, os._exit, args=(1,))
+    timer.daemon = True
+    timer.start()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry: ``python -m dash_gateway.scheduler_process --tls-ca ... --address-file ...``."""
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s"
+    )
+    sys.exit(asyncio.run(run(args)))
+
+
+if __name__ == "__main__":
+    main()

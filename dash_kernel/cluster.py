@@ -1,0 +1,233 @@
+"""``dk.connect()``: join the gateway's cluster, or start an embedded one for this process."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import psutil
+from distributed import Client, LocalCluster
+from distributed.security import Security
+
+from .errors import GatewayError, NoWorkersError
+from .output import OutputRouter
+from .plugin import DashWorkerPlugin
+from .resources import ResourceSpec, check_satisfiable, worker_resources
+
+__all__ = ["Connection", "connect", "disconnect", "gateway_request"]
+
+log = logging.getLogger(__name__)
+
+ENV_URL, ENV_TOKEN, ENV_LOCAL_WORKERS = "DASH_GATEWAY_URL", "DASH_TOKEN", "DASH_LOCAL_WORKERS"
+_WORKER_INFO_TTL = 2.0
+
+
+def gateway_request(url: str, token: str | None, path: str, timeout: float = 30) -> Any:
+    """GET a gateway API path and return its JSON, with errors that say what went wrong."""
+    full = url.rstrip("/") + "/" + path.lstrip("/")
+    request = urllib.request.Request(full, headers={"Accept": "application/json"})
+    if token:
+        request.add_header("Authorization", f"token {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            hint = "check DASH_TOKEN" if token else "set DASH_TOKEN to your API token"
+            raise GatewayError(
+                f"the DASH gateway at {url} refused the token (HTTP {exc.code}): {hint}"
+            ) from None
+        raise GatewayError(
+            f"the DASH gateway at {url} answered HTTP {exc.code} for {path}"
+        ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise GatewayError(f"cannot reach the DASH gateway at {url}: {reason}") from None
+
+
+class Connection:
+    """A Dask client on a DASH cluster, with the output router its remote work reports to.
+
+    ``gateway_url`` is None for an embedded cluster (``cluster`` is then this process's own
+    ``LocalCluster``).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        cluster: LocalCluster | None = None,
+        gateway_url: str | None = None,
+        worker_wait: float = 30.0,
+    ):
+        self.client = client
+        self.cluster = cluster
+        self.gateway_url = gateway_url
+        self.worker_wait = worker_wait
+        self.topic = f"dash-output-{uuid.uuid4().hex}"
+        self.router = OutputRouter()
+        self._workers: list[tuple[str, dict[str, float]]] = []
+        self._workers_at = 0.0
+        client.register_plugin(DashWorkerPlugin(), name=DashWorkerPlugin.name)
+        client.subscribe_topic(self.topic, self.router.handle)
+
+    @property
+    def mode(self) -> str:
+        return "gateway" if self.gateway_url else "embedded"
+
+    @property
+    def scheduler_address(self) -> str:
+        return self.client.scheduler.address
+
+    def workers(self, *, fresh: bool = False) -> list[tuple[str, dict[str, float]]]:
+        """``(name, declared resources)`` of each connected worker (cached for 2 s)."""
+        if fresh or time.monotonic() - self._workers_at > _WORKER_INFO_TTL:
+            info = self.client.scheduler_info(n_workers=-1)["workers"]
+            self._workers = [
+                (str(w.get("name", address)), dict(w.get("resources") or {}))
+                for address, w in info.items()
+            ]
+            self._workers_at = time.monotonic()
+        return self._workers
+
+    def ensure_satisfiable(self, spec: ResourceSpec) -> None:
+        """Fail now, with what the cluster has, if no worker could ever run ``spec``.
+
+        With no worker connected at all, wait up to ``worker_wait`` seconds for one first.
+        """
+        if not self.workers():
+            try:
+                self.client.wait_for_workers(1, timeout=self.worker_wait)
+            except TimeoutError:
+                raise NoWorkersError(
+                    f"no worker joined the cluster at {self.scheduler_address} within "
+                    f"{self.worker_wait:g}s; start workers (or the gateway's local workers)"
+                ) from None
+            self.workers(fresh=True)
+        if spec:
+            try:
+                check_satisfiable(spec, self.workers())
+            except Exception:
+                # a worker that has just joined may be the one that fits
+                check_satisfiable(spec, self.workers(fresh=True))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.unsubscribe_topic(self.topic)
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+    def __repr__(self) -> str:
+        where = self.gateway_url or "embedded cluster"
+        return f"<dash_kernel.Connection {where} scheduler={self.scheduler_address}>"
+
+
+_connection: Connection | None = None
+_connect_lock = threading.Lock()
+
+
+def _security_from_gateway(tls: Mapping[str, str]) -> Security:
+    return Security(
+        tls_ca_file=tls["ca"],
+        tls_client_cert=tls["cert"],
+        tls_client_key=tls["key"],
+        require_encryption=True,
+    )
+
+
+def _connect_gateway(url: str, token: str | None, timeout: float) -> Connection:
+    info = gateway_request(url, token, "dash/api/cluster", timeout=timeout)
+    security = _security_from_gateway(info["tls"])
+    client = Client(info["scheduler"], security=security, timeout=timeout, set_as_default=False)
+    return Connection(client, gateway_url=url)
+
+
+def _connect_embedded(n_workers: int | None) -> Connection:
+    if n_workers is None:
+        n_workers = int(os.environ.get(ENV_LOCAL_WORKERS) or min(os.cpu_count() or 1, 4))
+    memory_limit = psutil.virtual_memory().total // max(n_workers, 1)
+    cluster = LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=True,
+        memory_limit=memory_limit,
+        resources=worker_resources(1, memory_limit),
+        protocol="tls://",
+        security=Security.temporary(),
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        scheduler_kwargs={"dashboard": False},
+        silence_logs=logging.CRITICAL,
+        preload=["dash_kernel.plugin"],  # remote errors reach the user through dk itself
+    )
+    client = Client(cluster, set_as_default=False)
+    log.info("started an embedded DASH cluster with %d workers", n_workers)
+    return Connection(client, cluster=cluster)
+
+
+def _inside_worker_client() -> Client | None:
+    try:
+        from distributed import get_client, get_worker
+
+        get_worker()
+    except ValueError:
+        return None
+    return get_client()
+
+
+def connect(
+    url: str | None = None,
+    token: str | None = None,
+    *,
+    local_workers: int | None = None,
+    timeout: float = 30,
+) -> Connection:
+    """Return this process's DASH connection, making it on first use.
+
+    The gateway comes from ``url``/``token`` or ``DASH_GATEWAY_URL``/``DASH_TOKEN`` (set
+    for kernels the gateway starts). With no gateway, an embedded cluster of
+    ``local_workers`` processes (default ``DASH_LOCAL_WORKERS`` or up to 4) starts for this
+    process and stops when it exits. Inside a DASH task, the worker's own cluster is used.
+
+    >>> import dash_kernel as dk
+    >>> dk.connect()                                   # doctest: +SKIP
+    <dash_kernel.Connection http://127.0.0.1:8888/ scheduler=tls://127.0.0.1:40401>
+    """
+    global _connection
+    with _connect_lock:
+        if _connection is not None and _connection.client.status in ("running", "connecting"):
+            if url is None or url == _connection.gateway_url:
+                return _connection
+            _connection.close()
+        url = url or os.environ.get(ENV_URL) or None
+        token = token if token is not None else os.environ.get(ENV_TOKEN)
+        if url:
+            _connection = _connect_gateway(url, token, timeout)
+        elif (worker_client := _inside_worker_client()) is not None:
+            _connection = Connection(worker_client)
+        else:
+            _connection = _connect_embedded(local_workers)
+        return _connection
+
+
+def disconnect() -> None:
+    """Close this process's connection (and its embedded cluster, if it started one)."""
+    global _connection
+    with _connect_lock:
+        if _connection is not None:
+            _connection.close()
+            _connection = None
+
+
+atexit.register(disconnect)

@@ -1,0 +1,271 @@
+"""``dk.remote`` and ``dk.map``: run functions on workers, with resources, output and progress."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import distributed
+from distributed import Future
+
+from .cluster import Connection, connect
+from .output import Destination
+from .resources import ResourceSpec
+from .tasks import RemoteCall
+
+__all__ = ["RemoteFunction", "map", "remote", "remote_exception", "submit_tasks", "wait_for"]
+
+_POLL = 0.05
+_INTERNAL_FILES = tuple(
+    os.path.join(os.path.dirname(__file__), name) for name in ("tasks.py", "capture.py")
+)
+
+
+def _is_internal(filename: str) -> bool:
+    return (
+        filename.endswith(_INTERNAL_FILES)
+        or f"{os.sep}distributed{os.sep}" in filename
+        or filename.endswith((f"dash_kernel{os.sep}tasks.py", f"dash_kernel{os.sep}capture.py"))
+    )
+
+
+def clean_traceback(exc: BaseException) -> BaseException:
+    """Drop Dask's and DASH's own frames from a remote exception's traceback (and from
+    its causes), so what is left is the user's code."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        kept = []
+        tb = current.__traceback__
+        while tb is not None:
+            if not _is_internal(tb.tb_frame.f_code.co_filename):
+                kept.append(tb)
+            tb = tb.tb_next
+        for this, following in zip(kept, [*kept[1:], None], strict=False):
+            this.tb_next = following
+        current.__traceback__ = kept[0] if kept else None
+        current = current.__cause__ or current.__context__
+    return exc
+
+
+def submit_tasks(
+    conn: Connection,
+    function: Callable[..., Any],
+    argument_lists: Sequence[Iterable[Any]],
+    *,
+    spec: ResourceSpec,
+    name: str,
+    kwargs: dict[str, Any] | None = None,
+    priority: int = 0,
+    retries: int = 0,
+    display: bool = False,
+) -> list[Future]:
+    """Submit ``function`` once per element of the ``argument_lists`` (zipped, as
+    ``Client.map`` takes them; none means one call without arguments), placed by
+    ``spec``, its output routed to the caller."""
+    conn.ensure_satisfiable(spec)
+    arguments = [list(a) for a in argument_lists]
+    count = len(arguments[0]) if arguments else 1
+    prefix = f"{name}-{uuid.uuid4().hex[:12]}"
+    keys = [f"{prefix}-{i}" for i in range(count)]
+    conn.router.register(keys, Destination.capture())
+    if kwargs:
+        # bound here, since Client.submit would take a `priority=` or `key=` as its own
+        function = functools.partial(function, **kwargs)
+    call = RemoteCall(function, conn.topic, display=display)
+    options = {
+        "resources": spec.to_dask() or None,
+        "priority": priority,
+        "retries": retries,
+        "pure": False,
+    }
+    if count == 1:
+        return [conn.client.submit(call, *(a[0] for a in arguments), key=keys[0], **options)]
+    return conn.client.map(call, *arguments, key=keys, **options)
+
+
+def remote_exception(future: Future) -> BaseException:
+    """An errored future's exception, its traceback holding only the user's remote frames."""
+    exc = future.exception()
+    return clean_traceback(exc.with_traceback(future.traceback()))
+
+
+def wait_for(
+    conn: Connection,
+    futures: list[Future],
+    *,
+    on_done: Callable[[int], None] | None = None,
+    fail_fast: bool = True,
+) -> None:
+    """Wait until every future is finished. Ctrl-C cancels them all (the remote work
+    stops); with ``fail_fast`` the first remote error cancels the rest and is raised."""
+    pending = list(futures)
+    try:
+        while pending:
+            still = []
+            finished = 0
+            for future in pending:
+                if not future.done():
+                    still.append(future)
+                    continue
+                finished += 1
+                if fail_fast and future.status == "error":
+                    conn.client.cancel([f for f in futures if not f.done()])
+                    raise remote_exception(future)
+            if finished and on_done is not None:
+                on_done(finished)
+            pending = still
+            if pending:
+                # Wake when the oldest pending one finishes (results mostly come in
+                # order), or every _POLL seconds to count the others and see errors.
+                with conn.client.as_current(), contextlib.suppress(TimeoutError):
+                    distributed.wait(pending[0], timeout=_POLL)
+    except KeyboardInterrupt:
+        conn.client.cancel(futures)
+        raise
+    finally:
+        conn.router.forget(f.key for f in futures if f.done())
+
+
+def _spec_kwargs(gpu, cpu, memory, vram) -> ResourceSpec:
+    return ResourceSpec.parse(gpu=gpu, cpu=cpu, memory=memory, vram=vram)
+
+
+class RemoteFunction:
+    """A function that runs on a worker when called. Made by :func:`remote`.
+
+    >>> @dk.remote(gpu=1)
+    ... def train(epochs):
+    ...     return model.fit(epochs)
+    >>> train(3)                 # runs on a GPU worker, returns the result
+    >>> future = train.submit(3) # returns a dask Future at once
+    """
+
+    def __init__(
+        self, fn: Callable[..., Any], spec: ResourceSpec, priority: int = 0, retries: int = 0
+    ):
+        self.fn = fn
+        self.spec = spec
+        self.priority = priority
+        self.retries = retries
+        functools.update_wrapper(self, fn)
+
+    def submit(self, *args: Any, **kwargs: Any) -> Future:
+        """Run on a worker and return a :class:`distributed.Future` at once."""
+        conn = connect()
+        return submit_tasks(
+            conn,
+            self.fn,
+            [[arg] for arg in args],
+            kwargs=kwargs,
+            spec=self.spec,
+            name=getattr(self.fn, "__name__", "remote"),
+            priority=self.priority,
+            retries=self.retries,
+        )[0]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        conn = connect()
+        future = self.submit(*args, **kwargs)
+        wait_for(conn, [future])
+        return future.result()
+
+    def map(self, iterable: Iterable[Any], **options: Any) -> list[Any]:
+        """``dk.map(self, iterable, **options)`` with this function's resources."""
+        return map(self, iterable, **options)
+
+    def __repr__(self) -> str:
+        return f"<dash remote function {getattr(self.fn, '__qualname__', self.fn)!r} ({self.spec})>"
+
+
+def remote(
+    fn: Callable[..., Any] | None = None,
+    *,
+    gpu: int | str | None = None,
+    cpu: float | None = None,
+    memory: int | str | None = None,
+    vram: int | str | None = None,
+    priority: int = 0,
+    retries: int = 0,
+) -> Any:
+    """Make ``fn`` run on a DASH worker that has the given resources.
+
+    Use bare (``@dk.remote``) or with a spec (``@dk.remote(gpu="A100", memory="32GB")``).
+    ``priority``: higher runs first when work queues; ``retries``: how often to rerun the
+    function if its worker dies or it raises. A spec that no worker can ever satisfy
+    raises :class:`~dash_kernel.resources.ResourceUnavailable` when called.
+    """
+    spec = _spec_kwargs(gpu, cpu, memory, vram)
+
+    def wrap(function: Callable[..., Any]) -> RemoteFunction:
+        return RemoteFunction(function, spec, priority=priority, retries=retries)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def map(
+    fn: Callable[..., Any],
+    iterable: Iterable[Any],
+    *,
+    return_exceptions: bool = False,
+    progress: bool = True,
+    gpu: int | str | None = None,
+    cpu: float | None = None,
+    memory: int | str | None = None,
+    vram: int | str | None = None,
+    priority: int | None = None,
+    retries: int | None = None,
+) -> list[Any]:
+    """Run ``fn(item)`` on workers for every item; results come back in input order.
+
+    A progress bar (``tqdm.auto``) shows in notebooks and terminals. The first failure
+    cancels the rest and is raised with its remote traceback; with
+    ``return_exceptions=True`` failures are returned in place of their results instead.
+    Ctrl-C cancels everything still running.
+
+    >>> dk.map(render_frame, range(1200), cpu=1)   # doctest: +SKIP
+    """
+    base = fn.spec if isinstance(fn, RemoteFunction) else ResourceSpec()
+    given = _spec_kwargs(gpu, cpu, memory, vram)
+    spec = given if given else base
+    function = fn.fn if isinstance(fn, RemoteFunction) else fn
+    if priority is None:
+        priority = fn.priority if isinstance(fn, RemoteFunction) else 0
+    if retries is None:
+        retries = fn.retries if isinstance(fn, RemoteFunction) else 0
+    items = list(iterable)
+    if not items:
+        return []
+    conn = connect()
+    futures = submit_tasks(
+        conn,
+        function,
+        [items],
+        spec=spec,
+        name=getattr(function, "__name__", "map"),
+        priority=priority,
+        retries=retries,
+    )
+    from tqdm.auto import tqdm
+
+    with tqdm(
+        total=len(items),
+        disable=not progress,
+        desc=getattr(function, "__name__", "map"),
+        delay=0.5,
+        unit="item",
+    ) as bar:
+        wait_for(conn, futures, on_done=bar.update, fail_fast=not return_exceptions)
+    results: list[Any] = [None] * len(futures)
+    good = [i for i, f in enumerate(futures) if f.status == "finished"]
+    for i, value in zip(good, conn.client.gather([futures[i] for i in good]), strict=False):
+        results[i] = value
+    for i, future in enumerate(futures):
+        if future.status != "finished":
+            results[i] = remote_exception(future)
+    return results

@@ -1,0 +1,283 @@
+"""Resource specs: the one parser for ``gpu=``, ``cpu=``, ``memory=``, ``vram=`` everywhere.
+
+A :class:`ResourceSpec` is what a user asks for; :func:`worker_resources` is what a worker
+declares. Both speak Dask's abstract resources, so placement is Dask's own:
+
+=========  ========================================  ===============================
+resource   a worker declares                         a spec asks for
+=========  ========================================  ===============================
+``CPU``    its threads                               ``cpu=4``
+``MEMORY`` its memory limit in bytes                 ``memory="16GB"``
+``GPU``    its GPUs (one per worker, by design)      ``gpu=1``
+``VRAM``   its GPU memory in bytes                   ``vram="24GB"``
+``gpu:T``  1 for each token T of its GPU model       ``gpu="A100"`` (with ``GPU=1``)
+=========  ========================================  ===============================
+
+A model name is matched by tokens, so ``gpu="A100"`` and ``gpu="RTX 4090"`` match
+"NVIDIA A100-SXM4-80GB" and "NVIDIA GeForce RTX 4090".
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dask.utils import format_bytes, parse_bytes
+
+from .errors import DashError
+
+__all__ = [
+    "ResourceSpec",
+    "ResourceSpecError",
+    "ResourceUnavailable",
+    "check_satisfiable",
+    "gpu_model_tokens",
+    "worker_resources",
+]
+
+CPU, MEMORY, GPU, VRAM = "CPU", "MEMORY", "GPU", "VRAM"
+MODEL_PREFIX = "gpu:"
+_VENDOR_WORDS = {"nvidia", "amd", "intel", "corporation"}
+SPEC_KEYS = ("gpu", "cpu", "memory", "vram")
+
+
+class ResourceSpecError(DashError, ValueError):
+    """A resource spec that is malformed: it names the field and what is accepted."""
+
+
+class ResourceUnavailable(DashError, RuntimeError):
+    """A well-formed spec that no worker in the cluster could ever satisfy."""
+
+
+def gpu_model_tokens(model: str) -> list[str]:
+    """Lower-case tokens of a GPU model name, without vendor words.
+
+    >>> gpu_model_tokens("NVIDIA GeForce RTX 4090")
+    ['geforce', 'rtx', '4090']
+    """
+    tokens = [t for t in re.split(r"[^0-9a-z]+", model.lower()) if t]
+    return [t for t in tokens if t not in _VENDOR_WORDS]
+
+
+def _parse_bytes(field_name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ResourceSpecError(f"{field_name} must be a size such as '16GB'; got {value!r}")
+    if isinstance(value, (int, float)):
+        nbytes = int(value)
+    else:
+        try:
+            nbytes = parse_bytes(str(value).replace(" ", ""))
+        except (ValueError, TypeError) as exc:
+            raise ResourceSpecError(
+                f"{field_name} must be a size such as '16GB' or '512MiB'; got {value!r}"
+            ) from exc
+    if nbytes <= 0:
+        raise ResourceSpecError(f"{field_name} must be positive; got {value!r}")
+    return nbytes
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    """What a piece of work needs. Empty means "any worker"."""
+
+    gpu: int = 0
+    gpu_model: str | None = None
+    cpu: float | None = None
+    memory: int | None = None
+    vram: int | None = None
+    _text: str = field(default="", compare=False, repr=False)
+
+    @classmethod
+    def parse(
+        cls,
+        gpu: int | str | bool | None = None,
+        cpu: float | str | None = None,
+        memory: int | str | None = None,
+        vram: int | str | None = None,
+    ) -> ResourceSpec:
+        """Build a spec from keyword values, as given to ``dk.remote`` or ``%%dash``."""
+        n_gpu, model = 0, None
+        if gpu is None or gpu is False:
+            pass
+        elif gpu is True:
+            n_gpu = 1
+        elif isinstance(gpu, int):
+            n_gpu = gpu
+        elif isinstance(gpu, str) and gpu.strip().isdigit():
+            n_gpu = int(gpu)
+        elif isinstance(gpu, str) and gpu_model_tokens(gpu):
+            n_gpu, model = 1, gpu.strip()
+        else:
+            raise ResourceSpecError(
+                f"gpu must be a count (gpu=1) or a model name (gpu='A100'); got {gpu!r}"
+            )
+        if n_gpu < 0:
+            raise ResourceSpecError(f"gpu must not be negative; got {gpu!r}")
+
+        n_cpu = None
+        if cpu is not None:
+            try:
+                n_cpu = float(cpu)
+            except (TypeError, ValueError) as exc:
+                raise ResourceSpecError(f"cpu must be a number of cores; got {cpu!r}") from exc
+            if isinstance(cpu, bool) or n_cpu <= 0:
+                raise ResourceSpecError(f"cpu must be a positive number of cores; got {cpu!r}")
+            if n_cpu.is_integer():
+                n_cpu = int(n_cpu)
+
+        spec = cls(
+            gpu=n_gpu,
+            gpu_model=model,
+            cpu=n_cpu,
+            memory=None if memory is None else _parse_bytes("memory", memory),
+            vram=None if vram is None else _parse_bytes("vram", vram),
+        )
+        object.__setattr__(spec, "_text", spec._describe())
+        return spec
+
+    @classmethod
+    def from_string(cls, text: str) -> ResourceSpec:
+        """Parse ``"gpu=1 memory=16GB"`` (also comma-separated), as ``%dash use`` takes it."""
+        values: dict[str, str] = {}
+        for part in shlex.split(text.replace(",", " ")):
+            key, sep, value = part.partition("=")
+            key = key.strip().lower()
+            if not sep or key not in SPEC_KEYS or not value:
+                raise ResourceSpecError(
+                    f"cannot read {part!r}: write key=value with keys {', '.join(SPEC_KEYS)}"
+                )
+            values[key] = value
+        return cls.parse(**values)
+
+    @classmethod
+    def coerce(cls, spec: ResourceSpec | Mapping[str, Any] | str | None) -> ResourceSpec:
+        """Accept a spec, a mapping of keyword values, a string, or None."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, ResourceSpec):
+            return spec
+        if isinstance(spec, str):
+            return cls.from_string(spec)
+        unknown = set(spec) - set(SPEC_KEYS)
+        if unknown:
+            raise ResourceSpecError(
+                f"unknown resource {sorted(unknown)[0]!r}; use {', '.join(SPEC_KEYS)}"
+            )
+        return cls.parse(**spec)
+
+    def __bool__(self) -> bool:
+        return bool(self.to_dask())
+
+    def __str__(self) -> str:
+        return self._text or self._describe()
+
+    def _describe(self) -> str:
+        parts = []
+        if self.gpu_model:
+            parts.append(f"gpu={self.gpu_model!r}")
+        elif self.gpu:
+            parts.append(f"gpu={self.gpu}")
+        if self.cpu is not None:
+            parts.append(f"cpu={self.cpu}")
+        if self.memory is not None:
+            parts.append(f"memory={format_bytes(self.memory)}")
+        if self.vram is not None:
+            parts.append(f"vram={format_bytes(self.vram)}")
+        return ", ".join(parts) or "any worker"
+
+    def to_dask(self) -> dict[str, float]:
+        """The ``resources=`` restriction Dask places this work by."""
+        out: dict[str, float] = {}
+        if self.gpu:
+            out[GPU] = self.gpu
+        if self.gpu_model:
+            for token in gpu_model_tokens(self.gpu_model):
+                out[MODEL_PREFIX + token] = 1
+        if self.cpu is not None:
+            out[CPU] = self.cpu
+        if self.memory is not None:
+            out[MEMORY] = self.memory
+        if self.vram is not None:
+            out[VRAM] = self.vram
+        return out
+
+
+def worker_resources(
+    nthreads: int,
+    memory_limit: int | None,
+    gpu_model: str | None = None,
+    vram: int | None = None,
+) -> dict[str, float]:
+    """The resources a worker declares: its threads, memory and (at most one) GPU."""
+    out: dict[str, float] = {CPU: nthreads}
+    if memory_limit:
+        out[MEMORY] = int(memory_limit)
+    if gpu_model:
+        out[GPU] = 1
+        if vram:
+            out[VRAM] = int(vram)
+        for token in gpu_model_tokens(gpu_model):
+            out[MODEL_PREFIX + token] = 1
+    return out
+
+
+def format_resources(resources: Mapping[str, float]) -> str:
+    """A short human description of a worker's declared resources."""
+    parts = []
+    model = " ".join(k[len(MODEL_PREFIX) :] for k in resources if k.startswith(MODEL_PREFIX))
+    if resources.get(GPU):
+        gpus = int(resources[GPU])
+        parts.append(f"{gpus} GPU" + (f" ({model})" if model else ""))
+        if resources.get(VRAM):
+            parts.append(f"{format_bytes(int(resources[VRAM]))} VRAM")
+    if CPU in resources:
+        parts.append(f"{resources[CPU]:g} CPU")
+    if resources.get(MEMORY):
+        parts.append(f"{format_bytes(int(resources[MEMORY]))} RAM")
+    return ", ".join(parts) or "no declared resources"
+
+
+def _shortfall(need: Mapping[str, float], have: Mapping[str, float]) -> list[str]:
+    return [key for key, amount in need.items() if have.get(key, 0) < amount]
+
+
+def check_satisfiable(
+    spec: ResourceSpec, workers: Iterable[tuple[str, Mapping[str, float]]]
+) -> None:
+    """Raise :class:`ResourceUnavailable` if no worker's total resources meet ``spec``.
+
+    ``workers`` yields ``(name, declared resources)``. The message names the closest worker
+    (fewest unmet resources) and what it has, so the user knows what the cluster offers.
+    """
+    need = spec.to_dask()
+    if not need:
+        return
+    candidates = list(workers)
+    if not candidates:
+        raise ResourceUnavailable(f"no workers are connected, so nothing can run {spec}")
+    scored = sorted(
+        ((len(_shortfall(need, have)), name, have) for name, have in candidates),
+        key=lambda row: (row[0], row[1]),
+    )
+    if scored[0][0] == 0:
+        return
+    _, name, have = scored[0]
+    missing = "; ".join(_explain(key, need[key], have) for key in _shortfall(need, have))
+    raise ResourceUnavailable(
+        f"no worker can ever run work that needs {spec}. "
+        f"Closest worker: {name} ({format_resources(have)}): {missing}. "
+        f"{len(candidates)} worker(s) connected."
+    )
+
+
+def _explain(key: str, amount: float, have: Mapping[str, float]) -> str:
+    if key.startswith(MODEL_PREFIX):
+        return f"no GPU model matching {key[len(MODEL_PREFIX) :]!r}"
+    if key in (MEMORY, VRAM):
+        return (
+            f"{key} {format_bytes(int(amount))} asked, it has {format_bytes(int(have.get(key, 0)))}"
+        )
+    return f"{key} {amount:g} asked, it has {have.get(key, 0):g}"

@@ -1,0 +1,121 @@
+"""What runs on a worker for ``dk.remote``, ``dk.map`` and ``%%dash``: Dask task bodies."""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import ctypes
+import linecache
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from distributed import get_worker
+
+from .capture import format_display, open_figures, publish_new_figures, task_output
+from .serialize import SerializationError, dumps, dumps_names, loads, loads_names
+
+__all__ = ["RemoteCall", "RemoteCancelled", "cancel_running", "run_cell"]
+
+# key -> thread ident of the task running it, so a cancelled task can be stopped.
+_running: dict[str, int] = {}
+_running_lock = threading.Lock()
+
+
+class RemoteCancelled(Exception):
+    """Raised inside a running task whose caller cancelled it (for example Ctrl-C)."""
+
+
+class _Tracked:
+    """Registers the current thread as running the current task, for cancellation."""
+
+    def __enter__(self) -> None:
+        self.key = str(get_worker().get_current_task())
+        with _running_lock:
+            _running[self.key] = threading.get_ident()
+
+    def __exit__(self, *exc_info: object) -> None:
+        with _running_lock:
+            _running.pop(self.key, None)
+
+
+def cancel_running(key: str) -> bool:
+    """Raise :class:`RemoteCancelled` in the thread running ``key``, if any.
+
+    Python delivers it at the next bytecode boundary: a loop stops at once, a blocking C
+    call (a long ``time.sleep``) when it returns.
+    """
+    with _running_lock:
+        ident = _running.get(str(key))
+    if ident is None:
+        return False
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(ident), ctypes.py_object(RemoteCancelled)
+    )
+    return True
+
+
+class RemoteCall:
+    """A user's function wrapped so its output streams to ``topic`` while it runs."""
+
+    def __init__(self, fn: Callable[..., Any], topic: str, *, display: bool = False):
+        self.fn = fn
+        self.topic = topic
+        self.display = display
+        self.__name__ = getattr(fn, "__name__", "remote")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with _Tracked(), task_output(self.topic, display=self.display):
+            return self.fn(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Dask pickles with plain pickle first, which would send a function from the
+        # user's own module by reference; ours honours ship_local_modules().
+        return (_restore_call, (dumps(self.fn), self.topic, self.display))
+
+
+def _restore_call(fn: bytes, topic: str, display: bool) -> RemoteCall:
+    return RemoteCall(loads(fn), topic, display=display)
+
+
+def _split_last_expression(tree: ast.Module) -> tuple[ast.Module, ast.Expression | None]:
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = tree.body.pop()
+        return tree, ast.Expression(last.value)
+    return tree, None
+
+
+def run_cell(
+    source: str,
+    filename: str,
+    inputs: Mapping[str, bytes],
+    outputs: tuple[str, ...],
+) -> dict[str, Any]:
+    """Run a ``%%dash`` cell in a fresh namespace holding ``inputs`` (as the body of a
+    :class:`RemoteCall` with ``display=True``).
+
+    Returns ``{"outputs": {name: pickle}, "unpicklable": {name: why}, "result": bundle}``;
+    the result is the last expression's display bundle, formatted here so that the value
+    itself need not travel.
+    """
+    values, failures = loads_names(inputs)
+    if failures:
+        raise SerializationError("load on the worker", failures)
+    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins, **values}
+    # Registered so tracebacks formatted here show the cell's lines too.
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    body, last = _split_last_expression(ast.parse(source, filename))
+    result = None
+    figures = open_figures()
+    try:
+        exec(compile(body, filename, "exec"), namespace)
+        if last is not None:
+            value = eval(compile(last, filename, "eval"), namespace)
+            if value is not None:
+                result = format_display(value)
+    finally:
+        publish_new_figures(figures)
+    payload, unpicklable = dumps_names(
+        namespace, [n for n in outputs if n in namespace], strict=False
+    )
+    return {"outputs": payload, "unpicklable": unpicklable, "result": result}

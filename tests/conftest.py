@@ -1,0 +1,227 @@
+"""Shared fixtures: a real ``dash-gateway`` (scheduler and local workers included) for the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``procs`` still running (a zombie has exited; it only awaits reaping)."""
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait up to ``timeout`` seconds for ``procs`` to exit; return those still running."""
+    deadline = time.monotonic() + timeout
+    while alive(procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive(procs)
+
+
+@dataclass
+class Gateway:
+    """A running ``dash-gateway`` subprocess and how to talk to it."""
+
+    url: str
+    token: str
+    data_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def request(self, path: str, token: str | None = "") -> tuple[int, Any]:
+        """GET ``path`` (relative to the server URL); ``token=None`` sends no token.
+
+        Returns ``(status code, parsed JSON or text)``.
+        """
+        headers = {}
+        if token is not None:
+            headers["Authorization"] = f"token {token or self.token}"
+        req = urllib.request.Request(self.url + path.lstrip("/"), headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                code, body = resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            code, body = exc.code, exc.read().decode()
+        try:
+            return code, json.loads(body)
+        except ValueError:
+            return code, body
+
+    def status(self) -> dict[str, Any]:
+        """``GET /dash/api/status`` with the right token."""
+        code, body = self.request("dash/api/status")
+        assert code == 200, (code, body)
+        return body
+
+    def cluster(self) -> dict[str, Any]:
+        """``GET /dash/api/cluster`` with the right token."""
+        code, body = self.request("dash/api/cluster")
+        assert code == 200, (code, body)
+        return body
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def wait_for_workers(self, n: int, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+        """Poll the status until the cluster is running with ``n`` workers; fail with the log if not."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(
+                    f"dash-gateway exited with {self.process.returncode}:\n{self.log()[-8000:]}"
+                )
+            try:
+                code, last = self.request("dash/api/status")
+            except OSError as exc:  # not listening yet
+                code, last = 0, repr(exc)
+            if code == 200 and len(last["workers"]) >= n and last.get("state") == "running":
+                return last
+            time.sleep(0.2)
+        pytest.fail(
+            f"dash-gateway did not list {n} workers within {timeout:.0f}s "
+            f"(last status: {last!r}):\n{self.log()[-8000:]}"
+        )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> None:
+        """Send ``sig``, wait for the gateway to exit, and assert no descendant is left."""
+        procs = self.descendants()
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                pytest.fail(
+                    f"dash-gateway ignored {sig!r} for {timeout:.0f}s:\n{self.log()[-8000:]}"
+                )
+        left = wait_gone(procs, timeout=15)
+        for p in left:
+            p.kill()
+        assert not left, f"processes left behind: {[p.cmdline() for p in left]}"
+
+
+def launch_gateway(
+    tmp: Path, *, local_workers: int = 2, data_dir: Path | None = None, extra: list[str] = ()
+) -> Gateway:
+    """Start ``dash-gateway`` on a free loopback port with a random token; don't wait."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    token = secrets.token_hex(16)
+    data_dir = data_dir or tmp / "data"
+    log_path = tmp / "gateway.log"
+    argv = [
+        sys.executable, "-m", "dash_gateway",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={tmp}",
+        f"--local-workers={local_workers}",
+        f"--data-dir={data_dir}",
+        "--worker-memory-limit=1GB",
+        *extra,
+    ]  # fmt: skip
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        argv.append("--allow-root")
+    env = dict(os.environ)
+    # Keep the user's Jupyter config and runtime files out of the test.
+    env["JUPYTER_CONFIG_DIR"] = str(tmp / "jupyter-config")
+    env["JUPYTER_RUNTIME_DIR"] = str(tmp / "jupyter-runtime")
+    for name in ("DASH_GATEWAY_URL", "DASH_TOKEN"):
+        env.pop(name, None)
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+    url = f"http://127.0.0.1:{port}/"
+    kernel_env = dict(os.environ, DASH_GATEWAY_URL=url, DASH_TOKEN=token)
+    return Gateway(
+        url=url, token=token, data_dir=data_dir, log_path=log_path, process=process, env=kernel_env
+    )
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One real gateway for the session: 2 local workers, random token, its own data dir.
+
+    Teardown stops it with SIGTERM and asserts that it and all its descendants are gone.
+    """
+    gw = launch_gateway(tmp_path_factory.mktemp("gateway"), local_workers=2)
+    try:
+        gw.wait_for_workers(2)
+        yield gw
+    finally:
+        gw.stop()
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    """Start extra gateways for a test (e.g. to stop them); whatever is left is stopped after."""
+    started: list[Gateway] = []
+
+    def start(**kwargs: Any) -> Gateway:
+        gw = launch_gateway(tmp_path / f"gw{len(started)}", **kwargs)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+@pytest.fixture(scope="module")
+def ipython_kernel(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory):
+    """A real IPython kernel started as the gateway starts kernels (DASH_* set), with
+    ``%load_ext dash_kernel`` already run. One per test module, shut down after it."""
+    from kernels import KernelDriver
+
+    kernel = KernelDriver(env=gateway.env, cwd=str(tmp_path_factory.mktemp("kernel")))
+    try:
+        setup = kernel.execute("%load_ext dash_kernel", timeout=60)
+        assert setup.status == "ok", setup.traceback_text()
+        yield kernel
+    finally:
+        kernel.shutdown()

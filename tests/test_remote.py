@@ -1,0 +1,139 @@
+"""``dk.remote`` and ``dk.map`` against a real gateway: results, order, errors, output."""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+
+import pytest
+
+import dash_kernel as dk
+
+
+@pytest.fixture(scope="module")
+def conn(gateway):
+    connection = dk.connect(gateway.url, gateway.token)
+    yield connection
+    dk.disconnect()
+
+
+def square(x):
+    return x * x
+
+
+def fails_on_three(x):
+    if x == 3:
+        raise ValueError(f"item {x} is bad")
+    return x
+
+
+def test_connect_uses_the_gateways_tls_scheduler(conn, gateway):
+    assert conn.mode == "gateway"
+    assert conn.scheduler_address == gateway.status()["scheduler"]
+    assert conn.scheduler_address.startswith("tls://")
+
+
+def test_remote_runs_elsewhere_and_submit_returns_a_future(conn):
+    @dk.remote(cpu=1)
+    def where(x):
+        return os.getpid(), x + 1
+
+    pid, value = where(41)
+    assert value == 42 and pid != os.getpid()
+
+    @dk.remote
+    def keywords(priority, key="k"):
+        return priority, key
+
+    assert keywords(priority="user's own", key="also theirs") == ("user's own", "also theirs")
+    future = where.submit(1)
+    assert future.result(timeout=30)[1] == 2
+
+
+def test_map_returns_a_thousand_results_in_input_order(conn):
+    results = dk.map(square, range(1000), progress=False)
+    assert results == [x * x for x in range(1000)]
+
+
+def test_map_return_exceptions_puts_failures_in_place(conn):
+    results = dk.map(fails_on_three, range(6), return_exceptions=True, progress=False)
+    assert results[:3] == [0, 1, 2] and results[4:] == [4, 5]
+    assert isinstance(results[3], ValueError) and str(results[3]) == "item 3 is bad"
+
+
+def test_map_failure_is_raised_with_the_users_remote_frame(conn):
+    with pytest.raises(ValueError, match="item 3 is bad") as info:
+        dk.map(fails_on_three, range(6), progress=False)
+    frames = traceback.extract_tb(info.value.__traceback__)
+    assert frames[-1].name == "fails_on_three"
+    assert frames[-1].line == 'raise ValueError(f"item {x} is bad")'
+    assert not any("dash_kernel/tasks.py" in f.filename for f in frames)
+
+
+def test_impossible_spec_fails_within_seconds(conn):
+    started = time.monotonic()
+    with pytest.raises(dk.ResourceUnavailable, match="Closest worker: local-"):
+        dk.remote(gpu=1, vram="80GB")(square)(2)
+    assert time.monotonic() - started < 10
+
+
+def test_retries_rerun_a_failing_function(conn, tmp_path):
+    attempts = tmp_path / "attempts"
+
+    @dk.remote(retries=2)
+    def flaky():
+        with open(attempts, "a") as f:
+            f.write("x")
+        if os.path.getsize(attempts) < 3:
+            raise RuntimeError("not yet")
+        return "done"
+
+    assert flaky() == "done"
+    assert attempts.read_text() == "xxx"
+
+
+def test_remote_print_streams_into_the_calling_cell(ipython_kernel):
+    run = ipython_kernel.execute(
+        "import dash_kernel as dk, time, sys\n"
+        "@dk.remote\n"
+        "def chatty(n):\n"
+        "    print('working on', n, flush=True)\n"
+        "    print('warning!', file=sys.stderr, flush=True)\n"
+        "    time.sleep(1.5)\n"
+        "    return n * 2\n"
+        "print('result', chatty(21))"
+    )
+    assert run.status == "ok", run.traceback_text()
+    assert run.stream() == "working on 21\nresult 42\n"
+    assert run.stream("stderr") == "warning!\n"
+    stream_times = [
+        t
+        for m, t in zip(run.messages, run.arrivals, strict=True)
+        if m["msg_type"] == "stream" and "working" in m["content"]["text"]
+    ]
+    result_times = [
+        t
+        for m, t in zip(run.messages, run.arrivals, strict=True)
+        if m["msg_type"] == "stream" and "result" in m["content"]["text"]
+    ]
+    assert result_times[0] - stream_times[0] > 1.0, "remote print arrived only at the end"
+
+
+def test_map_in_a_kernel_shows_results_and_failure_traceback(ipython_kernel):
+    run = ipython_kernel.execute(
+        "import dash_kernel as dk\n"
+        "def bad(x):\n"
+        "    return 10 // (x - 2)\n"
+        "dk.map(bad, range(4), progress=False)"
+    )
+    assert run.error["ename"] == "ZeroDivisionError"
+    assert "return 10 // (x - 2)" in run.traceback_text()
+
+
+def test_functions_from_the_users_own_module_travel_by_value(conn):
+    import cloudpickle
+
+    # `square` lives in this test module, which workers cannot import.
+    assert dk.remote(square)(7) == 49
+    assert cloudpickle.list_registry_pickle_by_value() == set(), "registration leaked"
