@@ -54,9 +54,7 @@ def ipp_view(ctx: Context) -> Iterator[Any]:
 
     # Engines import the no-op by reference from this checkout, ipyparallel's own way.
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    cluster = ipp.Cluster(
-        n=2, profile_dir=str(ctx.directory("ipython")), log_level=logging.WARNING
-    )
+    cluster = ipp.Cluster(n=2, profile_dir=str(ctx.directory("ipython")), log_level=logging.WARNING)
     client = None
     try:
         with environment(PYTHONPATH=path):

@@ -28,18 +28,23 @@ def table(report: dict[str, Any]) -> str:
             continue
         others = row.get("others_cpu_cores")
         flag = "" if others is None or others < NOISY_CORES else " !"
-        lines.append([
-            row["id"],
-            _number(row["dash"]),
-            _number(row["baseline"]),
-            row["unit"],
-            _number(row["ratio"]),
-            str(row["n"]),
-            _number(others) + flag,
-            row["baseline_name"],
-        ])
+        lines.append(
+            [
+                row["id"],
+                _number(row["dash"]),
+                _number(row["baseline"]),
+                row["unit"],
+                _number(row["ratio"]),
+                str(row["n"]),
+                _number(others) + flag,
+                row["baseline_name"],
+            ]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    body = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines]
+    body = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    ]
     body.insert(1, "  ".join("-" * w for w in widths))
     intro = (
         f"DASH benchmarks ({run.get('mode', '?')}) on {machine['cpu_count']} x "
@@ -74,8 +79,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         colors = ["tab:green" if r <= 1 else "tab:red" for r in ratios]
         axes.barh(labels, ratios, color=colors)
         for y, ratio in enumerate(ratios):
-            axes.annotate(f"{ratio:.2f}", (ratio, y), xytext=(4, 0),
-                          textcoords="offset points", va="center")
+            axes.annotate(
+                f"{ratio:.2f}", (ratio, y), xytext=(4, 0), textcoords="offset points", va="center"
+            )
         axes.invert_yaxis()
     axes.axvline(1.0, color="black", linewidth=1)
     axes.set_xlabel("DASH cost / baseline cost (below 1: DASH is cheaper)")

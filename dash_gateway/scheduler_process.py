@@ -12,21 +12,19 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import tempfile
-import threading
 
 import dask
 from distributed import Scheduler
 
 from dash_gateway.tls import security_for
+from dash_kernel.lifecycle import StopTrigger, arm_hard_exit
 
 log = logging.getLogger("dash_gateway.scheduler_process")
 
 # After a shutdown is asked for, the process leaves within this many seconds, whatever hangs.
 HARD_EXIT_AFTER = 10.0
-PARENT_POLL_INTERVAL = 0.5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,27 +59,11 @@ def write_address_file(path: str, address: str) -> None:
     os.replace(tmp, path)
 
 
-async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        if os.getppid() != parent_pid:
-            log.warning("Parent process %d is gone; shutting the scheduler down", parent_pid)
-            stop.set()
-            return
-        await asyncio.sleep(PARENT_POLL_INTERVAL)
-
-
 async def run(args: argparse.Namespace) -> int:
     """Start the scheduler, publish its address, and run until told to stop or orphaned."""
     security = security_for("scheduler", ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
     parent_pid = os.getppid() if args.parent_pid is None else args.parent_pid
-    watchers = []
-    if parent_pid:
-        watchers.append(asyncio.create_task(_watch_parent(parent_pid, stop)))
+    stop = StopTrigger(parent_pid, "scheduler")
 
     # Dask's HTTP server has no authentication: serve only the health check, on the
     # scheduler's own interface and a free port (8787 would clash between gateways).
@@ -108,18 +90,13 @@ async def run(args: argparse.Namespace) -> int:
         log.error("The scheduler closed by itself")
         code = 1
     else:
-        _arm_hard_exit()
+        arm_hard_exit(HARD_EXIT_AFTER)
         with contextlib.suppress(Exception):
             await scheduler.close(reason="dash-gateway-shutdown")
-    for task in (*watchers, finished, stopped):
+    stop.close()
+    for task in (finished, stopped):
         task.cancel()
     return code
-
-
-def _arm_hard_exit() -> None:
-    timer = threading.Timer(HARD_EXIT_AFTER, os._exit, args=(1,))
-    timer.daemon = True
-    timer.start()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,19 +7,17 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
-import threading
 
 import dask
 from distributed import Nanny
 from distributed.security import Security
 from distributed.worker_memory import parse_memory_limit
 
+from dash_kernel.lifecycle import StopTrigger, arm_hard_exit
 from dash_kernel.resources import worker_resources
 
 log = logging.getLogger(__name__)
 
-PARENT_POLL_INTERVAL = 0.5
 NANNY_CLOSE_TIMEOUT = 5.0
 # After a shutdown is asked for, the agent leaves within this many seconds, whatever hangs;
 # its worker processes follow it (Dask's nanny pipe closes).
@@ -59,25 +57,10 @@ def make_nannies(args: argparse.Namespace) -> list[Nanny]:
     ]
 
 
-async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        if os.getppid() != parent_pid:
-            log.warning("Parent process %d is gone; closing the workers", parent_pid)
-            stop.set()
-            return
-        await asyncio.sleep(PARENT_POLL_INTERVAL)
-
-
 async def serve(args: argparse.Namespace) -> int:
     """Run the nannies until a signal, the parent's death, or all of them finishing."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     parent_pid = os.getppid() if args.parent_pid is None else args.parent_pid
-    background = []
-    if parent_pid:
-        background.append(asyncio.create_task(_watch_parent(parent_pid, stop)))
+    stop = StopTrigger(parent_pid, "workers")
 
     nannies = make_nannies(args)
 
@@ -92,7 +75,6 @@ async def serve(args: argparse.Namespace) -> int:
 
     running = asyncio.create_task(run_nannies())
     stopping = asyncio.create_task(stop.wait())
-    background.append(stopping)
     await asyncio.wait([running, stopping], return_when=asyncio.FIRST_COMPLETED)
 
     code = 0
@@ -103,7 +85,7 @@ async def serve(args: argparse.Namespace) -> int:
             log.error("All workers finished unexpectedly")
         code = 1
     else:
-        _arm_hard_exit()
+        arm_hard_exit(HARD_EXIT_AFTER)
         running.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await running
@@ -112,15 +94,9 @@ async def serve(args: argparse.Namespace) -> int:
             *(n.close(timeout=NANNY_CLOSE_TIMEOUT, reason="dash-worker-stop") for n in nannies),
             return_exceptions=True,
         )
-    for task in background:
-        task.cancel()
+    stop.close()
+    stopping.cancel()
     return code
-
-
-def _arm_hard_exit() -> None:
-    timer = threading.Timer(HARD_EXIT_AFTER, os._exit, args=(1,))
-    timer.daemon = True
-    timer.start()
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,0 +1,1 @@
+"""What a person sees: the gateway's web pages and the JupyterLab extension (assets only)."""
