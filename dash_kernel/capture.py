@@ -25,7 +25,7 @@ from typing import Any
 
 from distributed import get_worker
 
-__all__ = ["format_display", "task_output"]
+__all__ = ["current_sink", "format_display", "task_output"]
 
 _thread = threading.local()
 _install_lock = threading.Lock()
@@ -61,7 +61,8 @@ class _Sink:
                 self.emit({"kind": "stream", "name": stream_name, "text": text})
 
 
-def _current_sink() -> _Sink | None:
+def current_sink() -> _Sink | None:
+    """The sink of the DASH task running in this thread, if any."""
     return getattr(_thread, "sink", None)
 
 
@@ -73,14 +74,14 @@ class _RoutedStream(io.TextIOBase):
         self.fallback = fallback
 
     def write(self, text: str) -> int:
-        sink = _current_sink()
+        sink = current_sink()
         if sink is None:
             return self.fallback.write(text)
         sink.stream(self.name, text)
         return len(text)
 
     def flush(self) -> None:
-        sink = _current_sink()
+        sink = current_sink()
         if sink is None:
             self.fallback.flush()
         else:
@@ -142,7 +143,7 @@ class _RoutedDisplayPublisher:
         return getattr(self._original, name)
 
     def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kwargs):
-        sink = _current_sink()
+        sink = current_sink()
         if sink is None:
             return self._original.publish(
                 data, metadata, transient=transient, update=update, **kwargs
@@ -159,7 +160,7 @@ class _RoutedDisplayPublisher:
         )
 
     def clear_output(self, wait: bool = False) -> None:
-        sink = _current_sink()
+        sink = current_sink()
         if sink is None:
             return self._original.clear_output(wait)
         sink.flush()
@@ -184,7 +185,7 @@ def publish_new_figures(before: set[int]) -> None:
     pyplot = sys.modules.get("matplotlib.pyplot")
     if pyplot is None:
         return
-    sink = _current_sink()
+    sink = current_sink()
     for number in pyplot.get_fignums():
         if number in before:
             continue
@@ -222,7 +223,7 @@ def task_output(topic: str, *, display: bool = False) -> Iterator[None]:
         _display_shell()
     worker = get_worker()
     sink = _Sink(topic, str(worker.get_current_task()))
-    previous = _current_sink()
+    previous = current_sink()
     _thread.sink = sink
     try:
         yield

@@ -69,8 +69,10 @@ class Connection:
         cluster: LocalCluster | None = None,
         gateway_url: str | None = None,
         worker_wait: float = 30.0,
+        owns_client: bool = True,
     ):
         self.client = client
+        self.owns_client = owns_client
         self.cluster = cluster
         self.gateway_url = gateway_url
         self.worker_wait = worker_wait
@@ -124,7 +126,8 @@ class Connection:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.client.unsubscribe_topic(self.topic)
-        self.client.close()
+        if self.owns_client:
+            self.client.close()
         if self.cluster is not None:
             self.cluster.close()
 
@@ -198,7 +201,8 @@ def connect(
     The gateway comes from ``url``/``token`` or ``DASH_GATEWAY_URL``/``DASH_TOKEN`` (set
     for kernels the gateway starts). With no gateway, an embedded cluster of
     ``local_workers`` processes (default ``DASH_LOCAL_WORKERS`` or up to 4) starts for this
-    process and stops when it exits. Inside a DASH task, the worker's own cluster is used.
+    process and stops when it exits. Inside a DASH task (nested fan-out), the worker's own
+    cluster is used, unless ``url`` says otherwise.
 
     >>> import dash_kernel as dk
     >>> dk.connect()                                   # doctest: +SKIP
@@ -210,12 +214,13 @@ def connect(
             if url is None or url == _connection.gateway_url:
                 return _connection
             _connection.close()
+        worker_client = _inside_worker_client() if url is None else None
         url = url or os.environ.get(ENV_URL) or None
         token = token if token is not None else os.environ.get(ENV_TOKEN)
-        if url:
+        if worker_client is not None:
+            _connection = Connection(worker_client, owns_client=False)
+        elif url:
             _connection = _connect_gateway(url, token, timeout)
-        elif (worker_client := _inside_worker_client()) is not None:
-            _connection = Connection(worker_client)
         else:
             _connection = _connect_embedded(local_workers)
         return _connection

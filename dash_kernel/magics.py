@@ -30,6 +30,7 @@ from .resources import ResourceSpec
 from .serialize import dumps_names, loads_names
 from .status import cluster_status
 from .tasks import run_cell
+from .tracebacks import attach_renderer
 
 __all__ = ["DashMagics", "load_ipython_extension"]
 
@@ -118,7 +119,7 @@ class DashMagics(Magics):
                     raise DashError(f"--in names variables that do not exist: {', '.join(missing)}")
             writes = tuple(_names(args.outputs) or names.writes)
             inputs, _ = dumps_names(user_ns, reads)
-            filename = self.shell.compile.cache(cell, self.shell.execution_count)
+            filename = self.shell.compile.cache(cell, self._cell_number())
             conn = connect()
             [future] = submit_tasks(
                 conn,
@@ -136,16 +137,19 @@ class DashMagics(Magics):
             print("Interrupted: the remote cell was stopped.", file=sys.stderr)
             raise
         if future.status == "error":
-            self._raise_remote(remote_exception(future))
+            exc = remote_exception(future)
+            # Shown with the remote frames only: the local ones are this magic's.
+            raise attach_renderer(exc, tb=exc.__traceback__)
         return self._bring_back(future.result())
 
-    def _raise_remote(self, exc: BaseException) -> None:
-        """Show only the remote frames, formatted as IPython formats a local error."""
-        lines = self.shell.InteractiveTB.structured_traceback(
-            type(exc), exc, exc.__traceback__, tb_offset=0
-        )
-        exc._render_traceback_ = lambda: lines  # type: ignore[attr-defined]
-        raise exc
+    def _cell_number(self) -> int:
+        """The number of the cell running now, for tracebacks ("Cell In[3]").
+
+        IPython stores a cell in its history before running it; ``execution_count`` is
+        not a stable answer (IPython 9 increments it before the cell runs, 8 after).
+        """
+        history = getattr(self.shell.history_manager, "input_hist_raw", None)
+        return len(history) - 1 if history else self.shell.execution_count
 
     def _bring_back(self, result: dict[str, Any]) -> _RemoteResult | None:
         values, failures = loads_names(result["outputs"])

@@ -13,6 +13,8 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+from .capture import current_sink
+
 __all__ = ["Destination", "OutputRouter"]
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,9 @@ class Destination:
     current when it was submitted, with their parent headers."""
 
     def __init__(self) -> None:
+        # Work submitted from inside a DASH task (nested fan-out) reports to that task's
+        # own caller.
+        self.sink = current_sink()
         self.stdout = sys.stdout
         self.stderr = sys.stderr
         shell = _ipython_shell()
@@ -53,12 +58,19 @@ class Destination:
             target.reset_thread_parent(token)
 
     def stream(self, name: str, text: str) -> None:
+        if self.sink is not None:
+            self.sink.stream(name, text)
+            self.sink.flush(name)
+            return
         stream = self.stderr if name == "stderr" else self.stdout
         self._under_parent(stream, lambda: stream.write(text))
         if not hasattr(stream, "set_thread_parent"):
             stream.flush()
 
     def display(self, event: dict[str, Any]) -> None:
+        if self.sink is not None:
+            self.sink.emit({k: v for k, v in event.items() if k != "key"})
+            return
         data, metadata = event.get("data", {}), event.get("metadata", {})
         if self.display_pub is None:
             text = data.get("text/plain")
@@ -71,7 +83,9 @@ class Destination:
         self._under_parent(self.display_pub, lambda: self.display_pub.publish(data, **kwargs))
 
     def clear(self, wait: bool) -> None:
-        if self.display_pub is not None:
+        if self.sink is not None:
+            self.sink.emit({"kind": "clear", "wait": wait})
+        elif self.display_pub is not None:
             self._under_parent(self.display_pub, lambda: self.display_pub.clear_output(wait))
 
 

@@ -4,53 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import distributed
 from distributed import Future
+from distributed.worker import thread_state
 
 from .cluster import Connection, connect
 from .output import Destination
 from .resources import ResourceSpec
 from .tasks import RemoteCall
+from .tracebacks import attach_renderer, clean_traceback
 
 __all__ = ["RemoteFunction", "map", "remote", "remote_exception", "submit_tasks", "wait_for"]
 
 _POLL = 0.05
-_INTERNAL_FILES = tuple(
-    os.path.join(os.path.dirname(__file__), name) for name in ("tasks.py", "capture.py")
-)
-
-
-def _is_internal(filename: str) -> bool:
-    return (
-        filename.endswith(_INTERNAL_FILES)
-        or f"{os.sep}distributed{os.sep}" in filename
-        or filename.endswith((f"dash_kernel{os.sep}tasks.py", f"dash_kernel{os.sep}capture.py"))
-    )
-
-
-def clean_traceback(exc: BaseException) -> BaseException:
-    """Drop Dask's and DASH's own frames from a remote exception's traceback (and from
-    its causes), so what is left is the user's code."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        kept = []
-        tb = current.__traceback__
-        while tb is not None:
-            if not _is_internal(tb.tb_frame.f_code.co_filename):
-                kept.append(tb)
-            tb = tb.tb_next
-        for this, following in zip(kept, [*kept[1:], None], strict=False):
-            this.tb_next = following
-        current.__traceback__ = kept[0] if kept else None
-        current = current.__cause__ or current.__context__
-    return exc
 
 
 def submit_tasks(
@@ -92,7 +62,22 @@ def submit_tasks(
 def remote_exception(future: Future) -> BaseException:
     """An errored future's exception, its traceback holding only the user's remote frames."""
     exc = future.exception()
-    return clean_traceback(exc.with_traceback(future.traceback()))
+    return attach_renderer(clean_traceback(exc.with_traceback(future.traceback())))
+
+
+@contextlib.contextmanager
+def _worker_thread_released() -> Iterator[None]:
+    """Inside a task, give the worker its thread back while waiting for other tasks;
+    otherwise tasks that fan out (``dk.map`` in a remote function) can take every
+    thread and wait forever for work that has none left to run on."""
+    if getattr(thread_state, "key", None) is None:
+        yield
+        return
+    distributed.secede()
+    try:
+        yield
+    finally:
+        distributed.rejoin()
 
 
 def wait_for(
@@ -106,25 +91,26 @@ def wait_for(
     stops); with ``fail_fast`` the first remote error cancels the rest and is raised."""
     pending = list(futures)
     try:
-        while pending:
-            still = []
-            finished = 0
-            for future in pending:
-                if not future.done():
-                    still.append(future)
-                    continue
-                finished += 1
-                if fail_fast and future.status == "error":
-                    conn.client.cancel([f for f in futures if not f.done()])
-                    raise remote_exception(future)
-            if finished and on_done is not None:
-                on_done(finished)
-            pending = still
-            if pending:
-                # Wake when the oldest pending one finishes (results mostly come in
-                # order), or every _POLL seconds to count the others and see errors.
-                with conn.client.as_current(), contextlib.suppress(TimeoutError):
-                    distributed.wait(pending[0], timeout=_POLL)
+        with _worker_thread_released():
+            while pending:
+                still = []
+                finished = 0
+                for future in pending:
+                    if not future.done():
+                        still.append(future)
+                        continue
+                    finished += 1
+                    if fail_fast and future.status == "error":
+                        conn.client.cancel([f for f in futures if not f.done()])
+                        raise remote_exception(future)
+                if finished and on_done is not None:
+                    on_done(finished)
+                pending = still
+                if pending:
+                    # Wake when the oldest pending one finishes (results mostly come in
+                    # order), or every _POLL seconds to count the others and see errors.
+                    with conn.client.as_current(), contextlib.suppress(TimeoutError):
+                        distributed.wait(pending[0], timeout=_POLL)
     except KeyboardInterrupt:
         conn.client.cancel(futures)
         raise

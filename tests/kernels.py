@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import time
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ class KernelDriver:
         cwd: str | None = None,
     ):
         self.manager = KernelManager(kernel_name=kernel_name)
-        self.manager.start_kernel(env=env, cwd=cwd)
+        self.manager.start_kernel(env=dict(os.environ) if env is None else env, cwd=cwd)
         self.client = self.manager.client()
         self.client.start_channels()
         self.client.wait_for_ready(timeout=60)

@@ -69,6 +69,8 @@ def test_remote_error_shows_the_cells_own_lines(ipython_kernel):
     assert run.status == "error"
     assert run.error["ename"] == "ZeroDivisionError"
     text = run.traceback_text()
+    cell = f"Cell In[{run.reply['content']['execution_count']}]"
+    assert f"{cell}, line 3" in text and f"{cell}, line 2, in f()" in text
     assert "----> 3 z = f(0)" in text
     assert "----> 2     return 1 / y" in text
     assert "dash_kernel" not in text and "distributed" not in text

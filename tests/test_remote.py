@@ -137,3 +137,23 @@ def test_functions_from_the_users_own_module_travel_by_value(conn):
     # `square` lives in this test module, which workers cannot import.
     assert dk.remote(square)(7) == 49
     assert cloudpickle.list_registry_pickle_by_value() == set(), "registration leaked"
+
+
+@pytest.mark.timeout(90)
+def test_remote_functions_can_fan_out_without_starving_the_workers(ipython_kernel):
+    # Three outer tasks on two single-thread workers: each waits on inner tasks, which
+    # would never get a thread unless waiting tasks give theirs back.
+    run = ipython_kernel.execute(
+        "import dash_kernel as dk\n"
+        "def inner(x):\n"
+        "    print('inner', x)\n"
+        "    return x + 1\n"
+        "def outer(n):\n"
+        "    return sum(dk.map(inner, range(n), progress=False))\n"
+        "print(dk.map(outer, [2, 3, 4], progress=False))",
+        timeout=80,
+    )
+    assert run.status == "ok", run.traceback_text()
+    assert run.stream().endswith("[3, 6, 10]\n")
+    inner_lines = sorted(line for line in run.stream().splitlines() if line.startswith("inner"))
+    assert inner_lines == sorted(f"inner {x}" for n in (2, 3, 4) for x in range(n))
