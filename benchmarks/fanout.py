@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dash_kernel as dk
@@ -15,6 +15,7 @@ from .harness import REPO, Benchmark, Context, Result, environment, interleave, 
 from .tasks import noop
 
 US = 1e6
+WARMUP_ITEMS = 100
 
 
 def _check(results: list[Any], items: list[int]) -> None:
@@ -30,6 +31,13 @@ def _dash_us_per_item(items: list[int]) -> float:
     return elapsed / len(items) * US
 
 
+def _warm_up(items: list[int], baseline: Callable[[list[int]], Any]) -> None:
+    # A short warm-up (connections, code paths): a full-size one would double the row's time.
+    few = items[:WARMUP_ITEMS]
+    dk.map(noop, few, progress=False)
+    baseline(few)
+
+
 def run_dask(ctx: Context) -> Result:
     client = ctx.connection().client
     items = list(range(ctx.sizes.fanout_items))
@@ -41,8 +49,9 @@ def run_dask(ctx: Context) -> Result:
         _check(results, items)
         return elapsed / len(items) * US
 
+    _warm_up(items, lambda few: client.gather(client.map(noop, few, pure=False)))
     dash, dask = interleave(
-        lambda: _dash_us_per_item(items), dask_us_per_item, ctx.sizes.fanout_reps
+        lambda: _dash_us_per_item(items), dask_us_per_item, ctx.sizes.fanout_reps, warmup=0
     )
     return Result(median(dash), median(dask), len(dash), {"items": len(items)})
 
@@ -80,9 +89,7 @@ def run_ipyparallel(ctx: Context) -> Result:
             _check(results, items)
             return elapsed / len(items) * US
 
-        # A short warm-up: a full one would double the slowest row of the run.
-        view.map_sync(noop, items[:50])
-        dk.map(noop, items[:50], progress=False)
+        _warm_up(items, lambda few: view.map_sync(noop, few))
         dash, ipp_values = interleave(
             lambda: _dash_us_per_item(items), ipp_us_per_item, ctx.sizes.ipp_reps, warmup=0
         )

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-# Others using more than this many cores during a row make its numbers suspect.
+# Other processes and the hypervisor taking more than this many cores during a row make
+# its numbers suspect.
 NOISY_CORES = 0.3
 
 
@@ -17,17 +18,17 @@ def _number(value: float | None) -> str:
 def table(report: dict[str, Any]) -> str:
     """A plain-text table: one line per comparison, then the reasons for the ones not run."""
     machine, run = report["machine"], report.get("run", {})
-    header = ["id", "dash", "baseline", "unit", "ratio", "n", "others", "baseline is"]
+    header = ["id", "dash", "baseline", "unit", "ratio", "n", "others", "steal", "baseline is"]
     lines = [header]
     notes = []
     for row in report["comparisons"]:
         if row["dash"] is None:
             label = "FAILED" if row.get("failed") else "missing"
-            lines.append([row["id"], "-", "-", row["unit"], "-", "-", "-", label])
+            lines.append([row["id"], "-", "-", row["unit"], "-", "-", "-", "-", label])
             notes.append(f"  {row['id']}: {row.get('reason', '')}")
             continue
-        others = row.get("others_cpu_cores")
-        flag = "" if others is None or others < NOISY_CORES else " !"
+        others, steal = row.get("others_cpu_cores"), row.get("steal_cpu_cores")
+        flag = "" if (others or 0) + (steal or 0) < NOISY_CORES else " !"
         lines.append(
             [
                 row["id"],
@@ -36,7 +37,8 @@ def table(report: dict[str, Any]) -> str:
                 row["unit"],
                 _number(row["ratio"]),
                 str(row["n"]),
-                _number(others) + flag,
+                _number(others),
+                _number(steal) + flag,
                 row["baseline_name"],
             ]
         )
@@ -51,7 +53,8 @@ def table(report: dict[str, Any]) -> str:
         f"{machine['cpu_model']}, {machine['ram_gib']} GiB, Python {machine['python']}, "
         f"dask {machine['dask']}, distributed {machine['distributed']}, {machine['date']}\n"
         "ratio = DASH / baseline (below 1: DASH is cheaper); others = CPU cores used by "
-        f"processes outside this run meanwhile (! above {NOISY_CORES}: noisy)"
+        "processes outside this run meanwhile, steal = cores the hypervisor took "
+        f"(! when together above {NOISY_CORES}: noisy)"
     )
     out = [intro, "", *body]
     if notes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import threading
 import time
 import warnings
@@ -18,41 +19,46 @@ import dash_kernel as dk
 from .harness import Benchmark, Context, MiB, Result, interleave, median
 from .tasks import identity
 
-# The caller holds the array, the copy that comes back and a serialized copy in flight;
-# the worker holds what it received and what it returns.
-COPIES_NEEDED = 6
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
+# The caller holds the array, the copy that comes back and a serialized copy in flight; the
+# worker what it received and what it returns; on DASH's path (the array rides in the task
+# graph) the scheduler holds it too.
+COPIES_NEEDED = 8
 
 
-def _rss() -> int:
-    return psutil.Process().memory_info().rss
+def _vm_hwm(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM")
 
 
 @contextlib.contextmanager
-def peak_rss() -> Iterator[list[int]]:
-    """Yield a list that holds, on exit, the peak RSS (bytes) of this process during the block.
+def peak_rss(pids: list[int]) -> Iterator[dict[int, int]]:
+    """Yield a dict that holds, on exit, the peak RSS (bytes) of each process during the block.
 
-    Linux resets the high-water mark on request, so the peak is exact; elsewhere it is sampled.
+    Linux resets a process's high-water mark on request, so the peak is exact; where it
+    cannot, RSS is sampled every 2 ms.
     """
-    out: list[int] = []
+    out: dict[int, int] = {}
     try:
-        _CLEAR_REFS.write_text("5")
+        for pid in pids:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
         exact = True
     except OSError:
         exact = False
     if exact:
         yield out
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                out.append(int(line.split()[1]) * 1024)
+        out.update({pid: _vm_hwm(pid) for pid in pids})
         return
-    peak = [_rss()]
+    procs = [psutil.Process(pid) for pid in pids]
+    peak = {proc.pid: proc.memory_info().rss for proc in procs}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(0.002):
-            peak[0] = max(peak[0], _rss())
+            for proc in procs:
+                with contextlib.suppress(psutil.Error):
+                    peak[proc.pid] = max(peak[proc.pid], proc.memory_info().rss)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -61,7 +67,15 @@ def peak_rss() -> Iterator[list[int]]:
     finally:
         stop.set()
         sampler.join()
-        out.append(max(peak[0], _rss()))
+        out.update(peak)
+
+
+def _scheduler_pid(ctx: Context) -> int | None:
+    for proc in ctx.gateway().descendants():
+        with contextlib.suppress(psutil.Error):
+            if "dash_gateway.scheduler_process" in " ".join(proc.cmdline()):
+                return proc.pid
+    return None
 
 
 def _size(requested: int) -> tuple[int, str | None]:
@@ -74,13 +88,16 @@ def _size(requested: int) -> tuple[int, str | None]:
     return size, f"reduced from {requested // MiB} MiB to {size // MiB} MiB to fit in memory"
 
 
-def _measure(call: Callable[[], Any], array: Any, peaks: list[int]) -> float:
+def _measure(
+    call: Callable[[], Any], array: Any, pids: list[int], peaks: dict[int, list[int]]
+) -> float:
     gc.collect()
-    with peak_rss() as peak:
+    with peak_rss(pids) as peak:
         start = time.perf_counter()
         back = call()
         elapsed = time.perf_counter() - start
-    peaks.append(peak[0])
+    for pid, value in peak.items():
+        peaks.setdefault(pid, []).append(value)
     if back.shape != array.shape or not (back[:: 1 << 16] == array[:: 1 << 16]).all():
         raise RuntimeError("the array came back changed")
     return elapsed
@@ -93,8 +110,10 @@ def run(ctx: Context) -> Result:
     size, note = _size(ctx.sizes.transfer_bytes)
     array = np.random.default_rng(0).integers(0, 256, size=size, dtype=np.uint8)
     echo = dk.remote(identity)
-    dash_peaks: list[int] = []
-    dask_peaks: list[int] = []
+    me, scheduler = os.getpid(), _scheduler_pid(ctx)
+    pids = [me] if scheduler is None else [me, scheduler]
+    dash_peaks: dict[int, list[int]] = {}
+    dask_peaks: dict[int, list[int]] = {}
     caught: list[str] = []
 
     def dash_call() -> Any:
@@ -108,18 +127,21 @@ def run(ctx: Context) -> Result:
         future = client.scatter(array)
         return client.submit(identity, future, pure=False).result()
 
-    before = _rss()
+    before = psutil.Process().memory_info().rss
     dash, dask = interleave(
-        lambda: _measure(dash_call, array, dash_peaks),
-        lambda: _measure(dask_call, array, dask_peaks),
+        lambda: _measure(dash_call, array, pids, dash_peaks),
+        lambda: _measure(dask_call, array, pids, dask_peaks),
         ctx.sizes.transfer_reps,
     )
     extra: dict[str, Any] = {
         "bytes": size,
         "rss_before_mib": before / MiB,
-        "dash_peak_rss_mib": max(dash_peaks) / MiB,
-        "baseline_peak_rss_mib": max(dask_peaks) / MiB,
+        "dash_peak_rss_mib": max(dash_peaks[me]) / MiB,
+        "baseline_peak_rss_mib": max(dask_peaks[me]) / MiB,
     }
+    if scheduler is not None:
+        extra["dash_scheduler_peak_rss_mib"] = max(dash_peaks[scheduler]) / MiB
+        extra["baseline_scheduler_peak_rss_mib"] = max(dask_peaks[scheduler]) / MiB
     if caught:
         extra["dash_warnings"] = sorted(set(caught))
     if note:
@@ -130,7 +152,8 @@ def run(ctx: Context) -> Result:
 TRANSFER = Benchmark(
     id="transfer",
     what="a random uint8 NumPy array to a worker and back: dk.remote(identity)(arr) vs "
-    "client.scatter + submit(identity) + result; peak RSS of the calling process for each",
+    "client.scatter + submit(identity) + result; peak RSS of the calling process (and of "
+    "the scheduler) for each",
     unit="s",
     baseline_name="raw Dask scatter + submit + gather",
     run=run,

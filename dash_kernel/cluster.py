@@ -149,11 +149,11 @@ def _security_from_gateway(tls: Mapping[str, str]) -> Security:
     )
 
 
-def _connect_gateway(url: str, token: str | None, timeout: float) -> Connection:
+def _connect_gateway(url: str, token: str | None, timeout: float, worker_wait: float) -> Connection:
     info = gateway_request(url, token, "dash/api/cluster", timeout=timeout)
     security = _security_from_gateway(info["tls"])
     client = Client(info["scheduler"], security=security, timeout=timeout, set_as_default=False)
-    return Connection(client, gateway_url=url)
+    return Connection(client, gateway_url=url, worker_wait=worker_wait)
 
 
 def _connect_embedded(n_workers: int | None) -> Connection:
@@ -195,6 +195,7 @@ def connect(
     *,
     local_workers: int | None = None,
     timeout: float = 30,
+    worker_wait: float = 30,
 ) -> Connection:
     """Return this process's DASH connection, making it on first use.
 
@@ -202,7 +203,9 @@ def connect(
     for kernels the gateway starts). With no gateway, an embedded cluster of
     ``local_workers`` processes (default ``DASH_LOCAL_WORKERS`` or up to 4) starts for this
     process and stops when it exits. Inside a DASH task (nested fan-out), the worker's own
-    cluster is used, unless ``url`` says otherwise.
+    cluster is used, unless ``url`` says otherwise. Work submitted while no worker is
+    connected waits up to ``worker_wait`` seconds for one, then fails with
+    :class:`~dash_kernel.errors.NoWorkersError`.
 
     >>> import dash_kernel as dk
     >>> dk.connect()                                   # doctest: +SKIP
@@ -220,7 +223,7 @@ def connect(
         if worker_client is not None:
             _connection = Connection(worker_client, owns_client=False)
         elif url:
-            _connection = _connect_gateway(url, token, timeout)
+            _connection = _connect_gateway(url, token, timeout, worker_wait)
         else:
             _connection = _connect_embedded(local_workers)
         return _connection

@@ -157,3 +157,36 @@ def test_remote_functions_can_fan_out_without_starving_the_workers(ipython_kerne
     assert run.stream().endswith("[3, 6, 10]\n")
     inner_lines = sorted(line for line in run.stream().splitlines() if line.startswith("inner"))
     assert inner_lines == sorted(f"inner {x}" for n in (2, 3, 4) for x in range(n))
+
+
+def test_no_workers_at_all_is_reported_not_waited_on_forever(gateway_factory, tmp_path):
+    from kernels import KernelDriver
+
+    empty = gateway_factory(local_workers=0)
+    empty.wait_for_workers(0)
+    with KernelDriver(env=empty.env, cwd=str(tmp_path)) as kernel:
+        run = kernel.execute(
+            "import dash_kernel as dk\ndk.connect(worker_wait=2)\ndk.remote(abs)(-1)", timeout=60
+        )
+    assert run.error["ename"] == "NoWorkersError"
+    assert "no worker joined the cluster at tls://" in run.error["evalue"]
+    assert "within 2s" in run.error["evalue"]
+
+
+def test_map_shows_a_progress_bar_in_a_notebook(ipython_kernel):
+    run = ipython_kernel.execute(
+        "import dash_kernel as dk, time\n"
+        "def slow(x):\n"
+        "    time.sleep(0.05)\n"
+        "    return x\n"
+        "print(len(dk.map(slow, range(40))))"
+    )
+    assert run.status == "ok", run.traceback_text()
+    assert run.stream() == "40\n"
+    # tqdm.auto draws a widget where ipywidgets is installed, text on stderr otherwise
+    widget_values = [
+        m["content"]["data"].get("state", {}).get("value")
+        for m in run.of_type("comm_msg")
+        if m["content"]["data"].get("method") == "update"
+    ]
+    assert 40 in widget_values or "40/40" in run.stream("stderr")
