@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import distributed
+from dask.sizeof import sizeof
 from distributed import Future
 from distributed.worker import thread_state
 
@@ -21,6 +22,7 @@ from .tracebacks import attach_renderer, clean_traceback
 __all__ = ["RemoteFunction", "map", "remote", "remote_exception", "submit_tasks", "wait_for"]
 
 _POLL = 0.05
+SCATTER_OVER = 1 << 20  # bytes
 
 
 def submit_tasks(
@@ -44,9 +46,6 @@ def submit_tasks(
     prefix = f"{name}-{uuid.uuid4().hex[:12]}"
     keys = [f"{prefix}-{i}" for i in range(count)]
     conn.router.register(keys, Destination.capture())
-    if kwargs:
-        # bound here, since Client.submit would take a `priority=` or `key=` as its own
-        function = functools.partial(function, **kwargs)
     call = RemoteCall(function, conn.topic, display=display)
     options = {
         "resources": spec.to_dask() or None,
@@ -54,9 +53,32 @@ def submit_tasks(
         "retries": retries,
         "pure": False,
     }
+    arguments = [_scattered(conn, values) for values in arguments]
     if count == 1:
-        return [conn.client.submit(call, *(a[0] for a in arguments), key=keys[0], **options)]
+        args = [values[0] for values in arguments]
+        if kwargs:
+            [keywords] = _scattered(conn, [dict(kwargs)], each_value=True)
+            return [conn.client.submit(call.with_keywords, keywords, *args, key=keys[0], **options)]
+        return [conn.client.submit(call, *args, key=keys[0], **options)]
     return conn.client.map(call, *arguments, key=keys, **options)
+
+
+def _scattered(conn: Connection, values: list[Any], *, each_value: bool = False) -> list[Any]:
+    """Values over ``SCATTER_OVER`` bytes sent straight to a worker, replaced by futures.
+
+    In a task's arguments they would travel through the scheduler inside the task graph,
+    and stay in its memory. With ``each_value``, the values of a dict are looked at.
+    """
+    if each_value:
+        return [dict(zip(d, _scattered(conn, list(d.values())), strict=True)) for d in values]
+    large = [i for i, value in enumerate(values) if sizeof(value) > SCATTER_OVER]
+    if not large:
+        return values
+    futures = conn.client.scatter([values[i] for i in large], hash=False)
+    out = list(values)
+    for i, future in zip(large, futures, strict=True):
+        out[i] = future
+    return out
 
 
 def remote_exception(future: Future) -> BaseException:

@@ -68,6 +68,11 @@ class RemoteCall:
         with _Tracked(), task_output(self.topic, display=self.display):
             return self.fn(*args, **kwargs)
 
+    def with_keywords(self, kwargs: dict[str, Any], *args: Any) -> Any:
+        """Call with keyword arguments that travelled as one positional dict, so Dask
+        resolves futures in them and none is taken for one of ``Client.submit``'s own."""
+        return self(*args, **kwargs)
+
     def __reduce__(self) -> tuple[Any, ...]:
         # Dask pickles with plain pickle first, which would send a function from the
         # user's own module by reference; ours honours ship_local_modules().

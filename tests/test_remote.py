@@ -190,3 +190,21 @@ def test_map_shows_a_progress_bar_in_a_notebook(ipython_kernel):
         if m["content"]["data"].get("method") == "update"
     ]
     assert 40 in widget_values or "40/40" in run.stream("stderr")
+
+
+def test_large_arguments_go_straight_to_a_worker(conn):
+    import warnings
+
+    import numpy as np
+
+    big = np.ones(4 * 2**20)  # 32 MiB
+
+    @dk.remote
+    def weighted(values, weights=None):
+        return float((values * weights).sum())
+
+    with warnings.catch_warnings():
+        # Dask warns when a task graph is large, i.e. when data travels inside it.
+        warnings.simplefilter("error")
+        assert weighted(big, weights=big) == float(big.size)
+        assert dk.map(np.sum, [big, big[:10]], progress=False) == [big.size, 10]
