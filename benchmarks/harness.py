@@ -25,15 +25,9 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 TESTS_DIR = REPO / "tests"
 LOCAL_WORKERS = 2
-WORKER_MEMORY_LIMIT = "1GB"  # what tests/conftest.py's launch_gateway gives each worker
-
-# launch_gateway fixes a 1 GB worker limit (a test setting) and cannot be given another;
-# with Dask's thresholds on, a worker holding the full run's 1 GiB array would spill,
-# pause or be restarted, and the transfer row would measure that instead of the transfer.
-DASK_MEMORY_THRESHOLDS_OFF = {
-    f"DASK_DISTRIBUTED__WORKER__MEMORY__{name}": "False"
-    for name in ("TARGET", "SPILL", "PAUSE", "TERMINATE")
-}
+# Room for the full run's 1 GiB transfer (the array, its copy back, and Dask's own
+# copies) without spilling, which would measure the disk instead of the transfer.
+WORKER_MEMORY_LIMIT = "8GB"
 
 IDS = (
     "cell_roundtrip",
@@ -298,8 +292,11 @@ class Context:
         if self._gateway is None:
             launch_gateway = tests_module("conftest").launch_gateway
             print(f"starting dash-gateway with {LOCAL_WORKERS} local workers ...", flush=True)
-            with environment(**DASK_MEMORY_THRESHOLDS_OFF):
-                gateway = launch_gateway(self.directory("gateway"), local_workers=LOCAL_WORKERS)
+            gateway = launch_gateway(
+                self.directory("gateway"),
+                local_workers=LOCAL_WORKERS,
+                worker_memory_limit=WORKER_MEMORY_LIMIT,
+            )
             self._cleanup.callback(self._stop_gateway, gateway)
             try:
                 gateway.wait_for_workers(LOCAL_WORKERS)
@@ -393,7 +390,7 @@ def run(sizes: Sizes, only: set[str] | None = None) -> dict[str, Any]:
             "mode": sizes.mode,
             "seconds": round(time.time() - started, 1),
             "cluster": f"dash-gateway, {LOCAL_WORKERS} local workers x 1 thread, "
-            f"{WORKER_MEMORY_LIMIT} limit each, Dask memory thresholds off",
+            f"{WORKER_MEMORY_LIMIT} limit each",
             "cpu_cores_busy_before_start": round(idle_others, 2),
             "versions": _versions(),
         },

@@ -134,7 +134,6 @@ class DashGateway(ExtensionApp):
             worker_memory_limit=self.memory_limit_bytes(),
             start_timeout=self.cluster_start_timeout,
         )
-        self.settings["dash_cluster"] = self.cluster
 
     def initialize_handlers(self) -> None:
         kwargs = {"cluster": self.cluster}

@@ -21,7 +21,6 @@ from .tracebacks import attach_renderer, clean_traceback
 
 __all__ = ["RemoteFunction", "map", "remote", "remote_exception", "submit_tasks", "wait_for"]
 
-_POLL = 0.05
 SCATTER_OVER = 1 << 20  # bytes
 
 
@@ -50,7 +49,7 @@ def submit_tasks(
     options = {
         "resources": spec.to_dask() or None,
         "priority": priority,
-        "retries": retries,
+        "retries": retries or None,  # 0 would still add a per-task annotation
         "pure": False,
     }
     arguments = [_scattered(conn, values) for values in arguments]
@@ -111,28 +110,18 @@ def wait_for(
 ) -> None:
     """Wait until every future is finished. Ctrl-C cancels them all (the remote work
     stops); with ``fail_fast`` the first remote error cancels the rest and is raised."""
-    pending = list(futures)
     try:
         with _worker_thread_released():
-            while pending:
-                still = []
-                finished = 0
-                for future in pending:
-                    if not future.done():
-                        still.append(future)
-                        continue
-                    finished += 1
-                    if fail_fast and future.status == "error":
+            # batches(): everything finished since the last look, with one wake-up
+            completed = distributed.as_completed(futures, loop=conn.client.loop)
+            for batch in completed.batches():
+                if fail_fast:
+                    failed = next((f for f in batch if f.status == "error"), None)
+                    if failed is not None:
                         conn.client.cancel([f for f in futures if not f.done()])
-                        raise remote_exception(future)
-                if finished and on_done is not None:
-                    on_done(finished)
-                pending = still
-                if pending:
-                    # Wake when the oldest pending one finishes (results mostly come in
-                    # order), or every _POLL seconds to count the others and see errors.
-                    with conn.client.as_current(), contextlib.suppress(TimeoutError):
-                        distributed.wait(pending[0], timeout=_POLL)
+                        raise remote_exception(failed)
+                if on_done is not None:
+                    on_done(len(batch))
     except KeyboardInterrupt:
         conn.client.cancel(futures)
         raise

@@ -143,7 +143,12 @@ class Gateway:
 
 
 def launch_gateway(
-    tmp: Path, *, local_workers: int = 2, data_dir: Path | None = None, extra: list[str] = ()
+    tmp: Path,
+    *,
+    local_workers: int = 2,
+    worker_memory_limit: str = "1GB",
+    data_dir: Path | None = None,
+    extra: list[str] = (),
 ) -> Gateway:
     """Start ``dash-gateway`` on a free loopback port with a random token; don't wait."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -161,7 +166,7 @@ def launch_gateway(
         f"--ServerApp.root_dir={tmp}",
         f"--local-workers={local_workers}",
         f"--data-dir={data_dir}",
-        "--worker-memory-limit=1GB",
+        f"--worker-memory-limit={worker_memory_limit}",
         *extra,
     ]  # fmt: skip
     if hasattr(os, "geteuid") and os.geteuid() == 0:
