@@ -172,7 +172,11 @@ def _connect_embedded(n_workers: int | None) -> Connection:
         dashboard_address="127.0.0.1:0",
         scheduler_kwargs={"dashboard": False},
         silence_logs=logging.CRITICAL,
-        preload=["dash_kernel.plugin"],  # remote errors reach the user through dk itself
+        # the session host is dash_worker's, named here, not imported
+        preload=[
+            "dash_kernel.plugin",
+            "dash_worker.session_host",
+        ],  # remote errors reach the user through dk itself
     )
     client = Client(cluster, set_as_default=False)
     log.info("started an embedded DASH cluster with %d workers", n_workers)

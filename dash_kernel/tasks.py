@@ -15,7 +15,7 @@ from distributed import get_worker
 from .capture import format_display, open_figures, publish_new_figures, task_output
 from .serialize import SerializationError, dumps, dumps_names, loads, loads_names
 
-__all__ = ["RemoteCall", "RemoteCancelled", "cancel_running", "run_cell"]
+__all__ = ["RemoteCall", "RemoteCancelled", "Tracked", "cancel_running", "run_cell"]
 
 # key -> thread ident of the task running it, so a cancelled task can be stopped.
 _running: dict[str, int] = {}
@@ -26,7 +26,7 @@ class RemoteCancelled(Exception):
     """Raised inside a running task whose caller cancelled it (for example Ctrl-C)."""
 
 
-class _Tracked:
+class Tracked:
     """Registers the current thread as running the current task, for cancellation."""
 
     def __enter__(self) -> None:
@@ -65,7 +65,7 @@ class RemoteCall:
         self.__name__ = getattr(fn, "__name__", "remote")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with _Tracked(), task_output(self.topic, display=self.display):
+        with Tracked(), task_output(self.topic, display=self.display):
             return self.fn(*args, **kwargs)
 
     def with_keywords(self, kwargs: dict[str, Any], *args: Any) -> Any:

@@ -52,6 +52,7 @@ def make_nannies(args: argparse.Namespace) -> list[Nanny]:
             protocol="tls",
             local_directory=args.local_directory,
             dashboard=False,
+            preload=["dash_worker.session_host"],
         )
         for i in range(args.nworkers)
     ]

@@ -1,0 +1,217 @@
+"""The "DASH distributed" kernel through jupyter_client: cells run in a remote session."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import wait_gone
+from kernels import KernelDriver
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dash(gateway, dash_kernelspec, tmp_path_factory):
+    """One "DASH distributed" kernel for the module, with its first (session-opening) cell run."""
+    kernel = KernelDriver(
+        kernel_name="dash", env=gateway.env, cwd=str(tmp_path_factory.mktemp("dash"))
+    )
+    try:
+        first = kernel.execute("import os\nsession_pid = os.getpid()", timeout=120)
+        assert first.status == "ok", first.traceback_text()
+        kernel.first = first
+        yield kernel
+    finally:
+        kernel.shutdown()
+
+
+def _remote_pid(kernel: KernelDriver) -> int:
+    return int(kernel.execute("print(os.getpid())").stream())
+
+
+def test_the_wheel_installs_the_kernelspec(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+    )
+    [wheel] = tmp_path.glob("dash_distributed-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        [spec_path] = [n for n in names if n.endswith("share/jupyter/kernels/dash/kernel.json")]
+        spec = json.loads(archive.read(spec_path))
+    for logo in ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg"):
+        assert any(n.endswith(f"share/jupyter/kernels/dash/{logo}") for n in names)
+    assert spec["display_name"] == "DASH distributed"
+    assert spec["language"] == "python"
+    assert spec["interrupt_mode"] == "signal"
+    # VS Code accepts python kernels whose argv is [python, -m, module, ...]
+    assert spec["argv"][:3] == ["python", "-m", "dash_kernel"]
+
+
+def test_first_cell_says_where_the_session_runs(dash):
+    notice = dash.first.stream("stderr")
+    assert notice.startswith("DASH: this notebook runs on worker local-")
+    assert "(CPU;" in notice
+    assert notice.count("DASH:") == 1
+    assert "DASH:" not in dash.execute("1").stream("stderr")  # said once
+
+
+def test_cells_run_remotely_and_keep_their_state(dash):
+    kernel_pid = dash.manager.provisioner.pid
+    dash.execute("x = 41")
+    run = dash.execute("x + 1")
+    [result] = run.of_type("execute_result")
+    assert result["content"]["data"]["text/plain"] == "42"
+    assert result["content"]["execution_count"] == run.reply["content"]["execution_count"]
+    remote_pid = _remote_pid(dash)
+    assert remote_pid != kernel_pid
+    assert psutil.Process(remote_pid).ppid() != kernel_pid  # a worker's child, not ours
+
+
+def test_output_streams_while_the_cell_runs(dash):
+    run = dash.execute("import time\nprint('before', flush=True)\ntime.sleep(1.5)\nprint('after')")
+    assert run.status == "ok"
+    times = {
+        m["content"]["text"].strip(): t
+        for m, t in zip(run.messages, run.arrivals, strict=True)
+        if m["msg_type"] == "stream"
+    }
+    assert times["after"] - times["before"] > 1.0
+
+
+def test_displays_updates_and_clear_output_are_relayed(dash):
+    run = dash.execute(
+        "from IPython.display import HTML, display, clear_output, update_display\n"
+        "display(HTML('<i>one</i>'), display_id='d1')\n"
+        "update_display(HTML('<i>two</i>'), display_id='d1')\n"
+        "clear_output(wait=True)\n"
+    )
+    relayed = [m for m in run.messages if m["msg_type"] != "execute_input"]
+    assert [m["msg_type"] for m in relayed] == [
+        "display_data",
+        "update_display_data",
+        "clear_output",
+    ]
+    assert relayed[1]["content"]["data"]["text/html"] == "<i>two</i>"
+    assert relayed[1]["content"]["transient"]["display_id"] == "d1"
+
+
+def test_errors_carry_the_remote_traceback_with_this_notebooks_cell_numbers(dash):
+    dash.execute("%%local\nlocal_only = 1")  # a local cell moves the count on here only
+    run = dash.execute("def f():\n    return undefined_name\nf()")
+    assert run.status == "error"
+    assert run.error["ename"] == "NameError"
+    text = run.traceback_text()
+    assert f"Cell In[{run.reply['content']['execution_count']}], line 3" in text
+    assert "return undefined_name" in text
+
+
+def test_local_cells_run_here_and_dash_status_shows_the_session(dash):
+    run = dash.execute("%%local\nimport os\nprint(os.getpid(), 'x' in globals())")
+    assert run.stream() == f"{dash.manager.provisioner.pid} False\n"
+    status = dash.execute("%dash status")
+    assert status.status == "ok", status.traceback_text()
+    assert "local-" in status.of_type("execute_result")[0]["content"]["data"]["text/plain"]
+
+
+def test_completion_inspection_and_is_complete_come_from_the_session(dash):
+    dash.execute("remote_only_variable_xyz = [1, 2, 3]")
+    client = dash.client
+    client.complete("remote_only_var", 15)
+    reply = client.get_shell_msg(timeout=30)
+    assert "remote_only_variable_xyz" in reply["content"]["matches"]
+    client.inspect("remote_only_variable_xyz", 24)
+    reply = client.get_shell_msg(timeout=30)
+    assert reply["content"]["found"] is True
+    assert "list" in reply["content"]["data"]["text/plain"]
+    client.is_complete("for i in range(3):")
+    reply = client.get_shell_msg(timeout=30)
+    assert reply["content"]["status"] == "incomplete"
+
+
+def test_interrupt_stops_the_remote_cell_and_its_state_survives(dash):
+    dash.execute("kept = 'still here'")
+    started = threading.Event()
+    interrupted_at: list[float] = []
+
+    def interrupt_when_running(msg):
+        if (
+            msg["msg_type"] == "stream"
+            and "spinning" in msg["content"]["text"]
+            and not started.is_set()
+        ):
+            started.set()
+            interrupted_at.append(time.monotonic())
+            dash.interrupt()
+
+    run = dash.execute(
+        "print('spinning', flush=True)\nwhile True:\n    pass", on_message=interrupt_when_running
+    )
+    assert started.is_set()
+    assert run.error["ename"] == "KeyboardInterrupt"
+    assert run.arrivals[-1] - interrupted_at[0] < 3
+    assert dash.execute("print(kept)").stream() == "still here\n"
+
+
+def test_a_dying_session_is_reported_and_the_next_cell_gets_a_new_one(
+    gateway, dash_kernelspec, tmp_path
+):
+    with KernelDriver(kernel_name="dash", env=gateway.env, cwd=str(tmp_path)) as kernel:
+        first_pid = _remote_pid(kernel) if kernel.execute("import os").status == "ok" else None
+        run = kernel.execute("os._exit(3)", timeout=60)
+        assert run.status == "error"
+        assert run.error["ename"] == "SessionLost"
+        assert "exited with status 3" in run.error["evalue"]
+        again = kernel.execute("import os\nprint(os.getpid())", timeout=120)
+        assert again.status == "ok", again.traceback_text()
+        assert "a new session started" in again.stream("stderr")
+        assert int(again.stream()) != first_pid
+
+
+def test_restart_gives_a_fresh_session_and_ends_the_old_one(gateway, dash_kernelspec, tmp_path):
+    import dash_kernel as dk
+
+    conn = dk.connect(gateway.url, gateway.token)
+
+    def sessions_running() -> set[str]:
+        return {key for keys in conn.client.processing().values() for key in keys}
+
+    before = sessions_running()  # e.g. the module's own kernel
+    kernel = KernelDriver(kernel_name="dash", env=gateway.env, cwd=str(tmp_path))
+    try:
+        kernel.execute("import os\nvalue = 1", timeout=120)
+        old_process = psutil.Process(_remote_pid(kernel))
+        kernel.manager.restart_kernel()
+        kernel.client.wait_for_ready(timeout=60)
+        run = kernel.execute("import os\nprint(os.getpid(), 'value' in globals())", timeout=120)
+        new_pid, had_value = run.stream().split()
+        assert had_value == "False" and int(new_pid) != old_process.pid
+        assert not wait_gone([old_process], timeout=20), (
+            "the old remote kernel outlived the restart"
+        )
+    finally:
+        kernel.shutdown()
+    # shutting down frees the session's worker slot
+    deadline = time.monotonic() + 20
+    while sessions_running() - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not sessions_running() - before
+    dk.disconnect()
