@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections import OrderedDict
 from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
@@ -28,6 +29,7 @@ LOCAL_CELL = "%%local"
 # iopub messages about the remote kernel itself, not the cell: this kernel sends its own.
 _NOT_RELAYED = {"status", "execute_input"}
 _WAIT = 1.0
+_PARENTS_KEPT = 1000
 
 
 def is_local(code: str) -> bool:
@@ -50,7 +52,14 @@ class DashKernel(IPythonKernel):
         self._announced: str | None = None
         self._current_count = 0
         self._remote_next_count: int | None = None
+        # remote request msg_id -> the local message it was made for (whose cell its
+        # output belongs to), and -> the future its reply resolves
+        self._parents: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._pump: asyncio.Task[None] | None = None
         self.shell.register_magics(DashMagics)
+        for msg_type in ("comm_open", "comm_msg", "comm_close"):
+            self.shell_handlers[msg_type] = self._relay_comm
 
     # -- the session ---------------------------------------------------------------------
 
@@ -64,6 +73,7 @@ class DashKernel(IPythonKernel):
         self.remote = RemoteSession(conn, self.session_spec, asyncio.get_running_loop())
         await self.remote.start()
         self._remote_next_count = 1
+        self._pump = asyncio.create_task(self._pump_events(self.remote))
         where = self.remote.describe()
         if previous is not None:
             self._notice(
@@ -84,42 +94,81 @@ class DashKernel(IPythonKernel):
             ident=self._topic("stream"),
         )
 
+    def _send_remote(
+        self, remote: RemoteSession, channel: str, msg_type: str, content: dict[str, Any]
+    ) -> str:
+        """Send a message to the remote kernel on behalf of the current local request."""
+        message = self.session.msg(msg_type, content)
+        msg_id = message["header"]["msg_id"]
+        self._parents[msg_id] = self.get_parent("shell")
+        while len(self._parents) > _PARENTS_KEPT:
+            self._parents.popitem(last=False)
+        remote.send(channel, message)
+        return msg_id
+
     async def _request(
         self, channel: str, msg_type: str, content: dict[str, Any]
     ) -> dict[str, Any]:
-        """Send a request to the remote kernel, relay what it publishes, return its reply."""
+        """Send a request to the remote kernel and return its reply's content; what it
+        publishes meanwhile is relayed by the pump. A SIGINT meanwhile interrupts it."""
         remote = await self._ensure_session()
-        request = self.session.msg(msg_type, content)
-        parent = self.get_parent("shell")
-        remote.send(channel, request)
-        interrupted = asyncio.Event()
-        previous_handler = self._forward_sigint(remote, interrupted)
+        reply = asyncio.get_running_loop().create_future()
+        msg_id = self._send_remote(remote, channel, msg_type, content)
+        self._replies[msg_id] = reply
+        previous_handler = self._forward_sigint(remote)
         try:
-            while True:
-                event = await remote.next_event(_WAIT)
-                if event is None:
-                    reason = remote.lost_reason()
-                    if reason:
-                        raise SessionLost(reason)
-                    continue
-                if event["op"] in ("died", "closed"):
-                    raise SessionLost(event.get("reason", "the session closed"))
-                if event["op"] != "message":
-                    continue
-                message = decode_message(event["message"])
-                if message["parent_header"].get("msg_id") != request["header"]["msg_id"]:
-                    continue
-                if event["channel"] == "iopub":
-                    self._republish(message, parent)
-                elif event["channel"] == "stdin":
-                    await self._relay_input(remote, message)
-                elif event["channel"] in ("shell", "control"):
-                    return message["content"]
+            return (await reply)["content"]
         finally:
+            self._replies.pop(msg_id, None)
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
 
-    def _forward_sigint(self, remote: RemoteSession, interrupted: asyncio.Event) -> Any:
+    async def _pump_events(self, remote: RemoteSession) -> None:
+        """Dispatch everything the session host sends, for the session's whole life."""
+        while True:
+            event = await remote.next_event(_WAIT)
+            if event is None:
+                reason = remote.lost_reason()
+                if reason:
+                    return self._fail_waiting(reason)
+                continue
+            if event["op"] in ("died", "closed"):
+                return self._fail_waiting(event.get("reason", "the session closed"))
+            if event["op"] != "message":
+                continue
+            message = decode_message(event["message"])
+            request_id = message["parent_header"].get("msg_id")
+            if event["channel"] == "iopub":
+                parent = self._parents.get(request_id)
+                if parent is not None:
+                    self._republish(message, parent)
+            elif event["channel"] == "stdin":
+                parent = self._parents.get(request_id)
+                asyncio.create_task(self._relay_input(remote, message, parent))
+            else:
+                reply = self._replies.get(request_id)
+                if reply is not None and not reply.done():
+                    reply.set_result(message)
+
+    def _fail_waiting(self, reason: str) -> None:
+        for reply in self._replies.values():
+            if not reply.done():
+                reply.set_exception(SessionLost(reason))
+
+    async def _relay_comm(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+        """Widget messages from the front end go to the remote kernel, where the widgets
+        live; they have no reply, and what they cause comes back through the pump."""
+        if self.remote is None or self.remote.lost_reason():
+            return
+        self._send_remote(self.remote, "shell", parent["header"]["msg_type"], parent["content"])
+
+    async def comm_info_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+        if self.remote is None:
+            return await super().comm_info_request(stream, ident, parent)
+        content = await self._request("shell", "comm_info_request", parent["content"])
+        self.session.send(stream, "comm_info_reply", content, parent, ident)
+
+    def _forward_sigint(self, remote: RemoteSession) -> Any:
         """While a request runs, a SIGINT (the notebook's interrupt) goes to the remote
         kernel instead of raising here."""
         if sys.platform == "win32":
@@ -127,7 +176,6 @@ class DashKernel(IPythonKernel):
 
         def handler(*_: Any) -> None:
             remote.interrupt()
-            interrupted.set()
 
         try:
             return signal.signal(signal.SIGINT, handler)
@@ -151,7 +199,9 @@ class DashKernel(IPythonKernel):
             ident=self._topic(msg_type),
         )
 
-    async def _relay_input(self, remote: RemoteSession, request: dict[str, Any]) -> None:
+    async def _relay_input(
+        self, remote: RemoteSession, request: dict[str, Any], parent: dict[str, Any] | None
+    ) -> None:
         content = request["content"]
         loop = asyncio.get_running_loop()
         value = await loop.run_in_executor(
@@ -159,7 +209,7 @@ class DashKernel(IPythonKernel):
             lambda: self._input_request(
                 content.get("prompt", ""),
                 self._parent_ident["shell"],
-                self.get_parent("shell"),
+                parent or self.get_parent("shell"),
                 password=content.get("password", False),
             ),
         )

@@ -18,6 +18,7 @@ class Execution:
     reply: dict[str, Any]
     messages: list[dict[str, Any]] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)
+    input_prompts: list[str] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -64,8 +65,13 @@ class KernelDriver:
         self.client.start_channels()
         self.client.wait_for_ready(timeout=60)
 
-    def execute(self, code: str, timeout: float = 60, *, on_message=None) -> Execution:
-        """Run ``code``; collect its iopub messages until the kernel is idle again."""
+    def execute(
+        self, code: str, timeout: float = 60, *, on_message=None, stdin: str | None = None
+    ) -> Execution:
+        """Run ``code``; collect its iopub messages until the kernel is idle again.
+
+        ``stdin`` answers the cell's ``input()`` requests, as a user typing it would.
+        """
         msg_id = self.client.execute(code)
         result = Execution(reply={})
         deadline = time.monotonic() + timeout
@@ -74,8 +80,14 @@ class KernelDriver:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"cell did not finish in {timeout}s: {code[:80]!r}")
+            if stdin is not None and self.client.stdin_channel.msg_ready():
+                request = self.client.get_stdin_msg(timeout=1)
+                result.input_prompts.append(request["content"]["prompt"])
+                self.client.input(stdin)
             try:
-                msg = self.client.get_iopub_msg(timeout=min(remaining, 1))
+                msg = self.client.get_iopub_msg(
+                    timeout=min(remaining, 0.2 if stdin is not None else 1)
+                )
             except queue.Empty:
                 continue
             if msg["parent_header"].get("msg_id") != msg_id:

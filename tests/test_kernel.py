@@ -147,6 +147,38 @@ def test_completion_inspection_and_is_complete_come_from_the_session(dash):
     assert reply["content"]["status"] == "incomplete"
 
 
+def test_input_is_answered_by_the_user_through_this_kernel(dash):
+    run = dash.execute("name = input('Your name? ')\nprint('hello', name)", stdin="Ada")
+    assert run.status == "ok", run.traceback_text()
+    assert run.input_prompts == ["Your name? "]
+    assert run.stream().endswith("hello Ada\n")
+
+
+def test_widgets_display_and_front_end_updates_reach_the_remote_kernel(dash):
+    run = dash.execute("import ipywidgets as w\nslider = w.IntSlider(value=3)\ndisplay(slider)")
+    assert run.status == "ok", run.traceback_text()
+    [model] = [
+        m["content"]
+        for m in run.of_type("comm_open")
+        if m["content"]["data"]["state"].get("_model_name") == "IntSliderModel"
+    ]
+    [view] = run.of_type("display_data")
+    assert (
+        view["content"]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
+        == model["comm_id"]
+    )
+    # what JupyterLab sends when the user drags the slider to 7
+    update = dash.client.session.msg(
+        "comm_msg",
+        {
+            "comm_id": model["comm_id"],
+            "data": {"method": "update", "state": {"value": 7}, "buffer_paths": []},
+        },
+    )
+    dash.client.shell_channel.send(update)
+    assert dash.execute("print(slider.value)").stream() == "7\n"
+
+
 def test_interrupt_stops_the_remote_cell_and_its_state_survives(dash):
     dash.execute("kept = 'still here'")
     started = threading.Event()
