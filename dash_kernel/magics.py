@@ -167,6 +167,10 @@ class DashMagics(Magics):
         if command not in ("status", "workers"):
             raise DashError(f"unknown %dash command {command!r}; try %dash status or %dash workers")
         status = cluster_status(connect())
+        # In the DASH kernel, say where this notebook's remote session runs.
+        remote = getattr(getattr(self.shell, "kernel", None), "remote", None)
+        if remote is not None and remote.lost_reason() is None:
+            status.session = remote.describe()
         return status if command == "status" else status.workers_table()
 
 

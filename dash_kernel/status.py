@@ -49,13 +49,15 @@ class ClusterStatus:
     scheduler: str
     workers: WorkersTable
     totals: dict[str, Any]
+    session: str | None = None
 
     def workers_table(self) -> WorkersTable:
         return self.workers
 
     def _summary(self) -> list[tuple[str, str]]:
         where = self.gateway if self.gateway else "embedded cluster (this process)"
-        return [
+        rows = [("this session", self.session)] if self.session else []
+        return rows + [
             ("connected to", where),
             ("scheduler", self.scheduler),
             ("workers", str(len(self.workers.rows))),

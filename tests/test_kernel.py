@@ -129,7 +129,8 @@ def test_local_cells_run_here_and_dash_status_shows_the_session(dash):
     assert run.stream() == f"{dash.manager.provisioner.pid} False\n"
     status = dash.execute("%dash status")
     assert status.status == "ok", status.traceback_text()
-    assert "local-" in status.of_type("execute_result")[0]["content"]["data"]["text/plain"]
+    text = status.of_type("execute_result")[0]["content"]["data"]["text/plain"]
+    assert "this session: worker local-" in text and "(CPU; asked for any worker)" in text
 
 
 def test_completion_inspection_and_is_complete_come_from_the_session(dash):
@@ -247,3 +248,26 @@ def test_restart_gives_a_fresh_session_and_ends_the_old_one(gateway, dash_kernel
         time.sleep(0.2)
     assert not sessions_running() - before
     dk.disconnect()
+
+
+def test_the_quickstart_notebook_runs_on_the_dash_kernel(
+    gateway, dash_kernelspec, tmp_path, monkeypatch
+):
+    import nbformat
+    from nbclient import NotebookClient
+
+    for name in ("DASH_GATEWAY_URL", "DASH_TOKEN"):
+        monkeypatch.setenv(name, gateway.env[name])
+    notebook = nbformat.read(REPO / "examples" / "notebooks" / "01-quickstart.ipynb", as_version=4)
+    NotebookClient(
+        notebook, kernel_name="dash", timeout=180, resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    outputs = {cell.source.splitlines()[0]: cell.outputs for cell in code}
+    assert "running on" in outputs["import os"][-1]["text"]
+    assert outputs["sum(x * x for x in data)"][0]["data"]["text/plain"] == "285"
+    assert any(
+        "image/png" in out.get("data", {}) for out in outputs["import matplotlib.pyplot as plt"]
+    )
+    assert outputs["%%local"][0]["text"] == "local cell; sees data: False\n"
+    assert "local-" in outputs["%dash status"][0]["data"]["text/plain"]
