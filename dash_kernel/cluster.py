@@ -29,6 +29,13 @@ __all__ = ["Connection", "connect", "disconnect", "gateway_request"]
 log = logging.getLogger(__name__)
 
 ENV_URL, ENV_TOKEN, ENV_LOCAL_WORKERS = "DASH_GATEWAY_URL", "DASH_TOKEN", "DASH_LOCAL_WORKERS"
+# How a remote session's kernel joins its notebook's cluster (set by the DASH kernel).
+ENV_SCHEDULER, ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY = (
+    "DASH_SCHEDULER_ADDRESS",
+    "DASH_TLS_CA",
+    "DASH_TLS_CERT",
+    "DASH_TLS_KEY",
+)
 _WORKER_INFO_TTL = 2.0
 
 
@@ -66,12 +73,14 @@ class Connection:
         self,
         client: Client,
         *,
+        security: Security | None = None,
         cluster: LocalCluster | None = None,
         gateway_url: str | None = None,
         worker_wait: float = 30.0,
         owns_client: bool = True,
     ):
         self.client = client
+        self.security = security
         self.owns_client = owns_client
         self.cluster = cluster
         self.gateway_url = gateway_url
@@ -85,11 +94,27 @@ class Connection:
 
     @property
     def mode(self) -> str:
-        return "gateway" if self.gateway_url else "embedded"
+        """``gateway``, ``embedded`` (this process's own cluster), or ``cluster`` (joined
+        with credentials handed down, as in a remote session or a task)."""
+        if self.gateway_url:
+            return "gateway"
+        return "embedded" if self.cluster is not None else "cluster"
 
     @property
     def scheduler_address(self) -> str:
         return self.client.scheduler.address
+
+    def client_environment(self) -> dict[str, str]:
+        """Environment variables with which another process (a remote session's kernel)
+        joins this cluster as the same kind of client: the scheduler and TLS credentials."""
+        if self.security is None:
+            return {}
+        return {
+            ENV_SCHEDULER: self.scheduler_address,
+            ENV_TLS_CA: self.security.tls_ca_file,
+            ENV_TLS_CERT: self.security.tls_client_cert,
+            ENV_TLS_KEY: self.security.tls_client_key,
+        }
 
     def workers(self, *, fresh: bool = False) -> list[tuple[str, dict[str, float]]]:
         """``(name, declared resources)`` of each connected worker (cached for 2 s)."""
@@ -132,7 +157,7 @@ class Connection:
             self.cluster.close()
 
     def __repr__(self) -> str:
-        where = self.gateway_url or "embedded cluster"
+        where = self.gateway_url or f"{self.mode} cluster"
         return f"<dash_kernel.Connection {where} scheduler={self.scheduler_address}>"
 
 
@@ -153,13 +178,28 @@ def _connect_gateway(url: str, token: str | None, timeout: float, worker_wait: f
     info = gateway_request(url, token, "dash/api/cluster", timeout=timeout)
     security = _security_from_gateway(info["tls"])
     client = Client(info["scheduler"], security=security, timeout=timeout, set_as_default=False)
-    return Connection(client, gateway_url=url, worker_wait=worker_wait)
+    return Connection(client, security=security, gateway_url=url, worker_wait=worker_wait)
+
+
+def _connect_scheduler(timeout: float, worker_wait: float) -> Connection:
+    security = _security_from_gateway(
+        {
+            "ca": os.environ[ENV_TLS_CA],
+            "cert": os.environ[ENV_TLS_CERT],
+            "key": os.environ[ENV_TLS_KEY],
+        }
+    )
+    client = Client(
+        os.environ[ENV_SCHEDULER], security=security, timeout=timeout, set_as_default=False
+    )
+    return Connection(client, security=security, worker_wait=worker_wait)
 
 
 def _connect_embedded(n_workers: int | None) -> Connection:
     if n_workers is None:
         n_workers = int(os.environ.get(ENV_LOCAL_WORKERS) or min(os.cpu_count() or 1, 4))
     memory_limit = psutil.virtual_memory().total // max(n_workers, 1)
+    security = Security.temporary()
     cluster = LocalCluster(
         n_workers=n_workers,
         threads_per_worker=1,
@@ -167,7 +207,7 @@ def _connect_embedded(n_workers: int | None) -> Connection:
         memory_limit=memory_limit,
         resources=worker_resources(1, memory_limit),
         protocol="tls://",
-        security=Security.temporary(),
+        security=security,
         host="127.0.0.1",
         dashboard_address="127.0.0.1:0",
         scheduler_kwargs={"dashboard": False},
@@ -180,7 +220,7 @@ def _connect_embedded(n_workers: int | None) -> Connection:
     )
     client = Client(cluster, set_as_default=False)
     log.info("started an embedded DASH cluster with %d workers", n_workers)
-    return Connection(client, cluster=cluster)
+    return Connection(client, security=security, cluster=cluster)
 
 
 def _inside_worker_client() -> Client | None:
@@ -207,7 +247,8 @@ def connect(
     for kernels the gateway starts). With no gateway, an embedded cluster of
     ``local_workers`` processes (default ``DASH_LOCAL_WORKERS`` or up to 4) starts for this
     process and stops when it exits. Inside a DASH task (nested fan-out), the worker's own
-    cluster is used, unless ``url`` says otherwise. Work submitted while no worker is
+    cluster is used, and in a remote session's kernel its notebook's (``DASH_SCHEDULER_ADDRESS``
+    and ``DASH_TLS_*``), unless ``url`` says otherwise. Work submitted while no worker is
     connected waits up to ``worker_wait`` seconds for one, then fails with
     :class:`~dash_kernel.errors.NoWorkersError`.
 
@@ -221,11 +262,14 @@ def connect(
             if url is None or url == _connection.gateway_url:
                 return _connection
             _connection.close()
-        worker_client = _inside_worker_client() if url is None else None
+        explicit = url is not None
+        worker_client = None if explicit else _inside_worker_client()
         url = url or os.environ.get(ENV_URL) or None
         token = token if token is not None else os.environ.get(ENV_TOKEN)
         if worker_client is not None:
             _connection = Connection(worker_client, owns_client=False)
+        elif not explicit and os.environ.get(ENV_SCHEDULER):
+            _connection = _connect_scheduler(timeout, worker_wait)
         elif url:
             _connection = _connect_gateway(url, token, timeout, worker_wait)
         else:

@@ -119,7 +119,7 @@ class RemoteSession:
             self.id,
             self.to_host,
             self.to_kernel,
-            {},
+            self.conn.client_environment(),
             key=f"dash-session-{self.id}",
             resources=self.spec.to_dask() or None,
             pure=False,

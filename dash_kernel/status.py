@@ -55,7 +55,10 @@ class ClusterStatus:
         return self.workers
 
     def _summary(self) -> list[tuple[str, str]]:
-        where = self.gateway if self.gateway else "embedded cluster (this process)"
+        where = self.gateway or {
+            "embedded": "embedded cluster (this process)",
+            "cluster": "its notebook's cluster",
+        }.get(self.mode, self.mode)
         rows = [("this session", self.session)] if self.session else []
         return rows + [
             ("connected to", where),

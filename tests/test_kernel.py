@@ -271,3 +271,19 @@ def test_the_quickstart_notebook_runs_on_the_dash_kernel(
     )
     assert outputs["%%local"][0]["text"] == "local cell; sees data: False\n"
     assert "local-" in outputs["%dash status"][0]["data"]["text/plain"]
+
+
+def test_dk_and_dash_magics_work_inside_the_remote_session(dash):
+    run = dash.execute(
+        "import dash_kernel as dk\n"
+        "print(dk.map(abs, [-1, -2, -3], progress=False), dk.connect().mode)"
+    )
+    assert run.status == "ok", run.traceback_text()
+    # joined with the notebook's credentials, not a new embedded cluster of its own
+    assert run.stream() == "[1, 2, 3] cluster\n"
+    session_pid = _remote_pid(dash)
+    dash.execute("base = 20")
+    nested = dash.execute("%%dash\nimport os\nresult = base + 1\ncell_pid = os.getpid()")
+    assert nested.status == "ok", nested.traceback_text()
+    check = dash.execute(f"print(result, cell_pid != {session_pid})")
+    assert check.stream() == "21 True\n"

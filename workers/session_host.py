@@ -80,7 +80,10 @@ class _Relay:
 
     def run(self) -> str:
         get_client().subscribe_topic(self.to_host, self._on_event)
-        self.manager.start_kernel(cwd=self.directory, env=self.kernel_env)
+        # %%dash and dk work in the session as in any kernel, on the notebook's cluster
+        self.manager.start_kernel(
+            cwd=self.directory, env=self.kernel_env, extra_arguments=["--ext=dash_kernel"]
+        )
         self.client = self.manager.client()
         self.client.start_channels()
         self.client.wait_for_ready(timeout=KERNEL_READY_TIMEOUT)
