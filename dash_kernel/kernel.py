@@ -8,9 +8,12 @@ kernel publishes is re-published here under the original request, as it arrives.
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import json
 import signal
 import sys
+import uuid
 from collections import OrderedDict
 from typing import Any
 
@@ -19,9 +22,12 @@ from ipykernel.kernelapp import IPKernelApp
 
 from ._version import __version__
 from .cluster import connect
+from .errors import DashError
 from .magics import DashMagics
 from .resources import ResourceSpec
+from .serialize import SerializationError
 from .sessions import RemoteSession, SessionLost, decode_message
+from .transfer import publish_names, receive_names
 
 __all__ = ["DashKernel", "main"]
 
@@ -229,6 +235,9 @@ class DashKernel(IPythonKernel):
         cell_meta: dict[str, Any] | None = None,
         cell_id: str | None = None,
     ) -> dict[str, Any]:
+        command = _session_command(code)
+        if command is not None:
+            return await self._run_session_command(*command, store_history and not silent)
         if is_local(code):
             if code.lstrip().startswith(LOCAL_CELL):
                 code = code.lstrip()[len(LOCAL_CELL) :].lstrip("\n")
@@ -279,6 +288,120 @@ class DashKernel(IPythonKernel):
                 "shell", "execute_request", {"code": code, "silent": True, "store_history": False}
             )
             self._remote_next_count = self._current_count
+
+    # -- %dash push / pull / use ---------------------------------------------------------
+
+    async def _run_session_command(
+        self, command: str, argument: str, counted: bool
+    ) -> dict[str, Any]:
+        self._current_count = self.shell.execution_count
+        if counted:
+            self.shell.execution_count += 1
+        handler = {"push": self._push, "pull": self._pull, "use": self._use}[command]
+        try:
+            text = await handler(argument)
+        except (DashError, SessionLost) as exc:
+            return self._error_reply(exc, f"%dash {command} did nothing")
+        self._say(text)
+        return {
+            "status": "ok",
+            "execution_count": self._current_count,
+            "payload": [],
+            "user_expressions": {},
+        }
+
+    def _say(self, text: str, name: str = "stdout") -> None:
+        self.session.send(
+            self.iopub_socket,
+            "stream",
+            {"name": name, "text": text},
+            parent=self.get_parent("shell"),
+            ident=self._topic("stream"),
+        )
+
+    async def _in_remote(self, expression: str) -> dict[str, Any]:
+        """Evaluate a ``dash_kernel.transfer`` call in the remote kernel; its JSON result."""
+        reply = await self._request(
+            "shell",
+            "execute_request",
+            {
+                "code": "import dash_kernel.transfer",
+                "silent": True,
+                "store_history": False,
+                "user_expressions": {"result": expression},
+                "allow_stdin": False,
+            },
+        )
+        result = reply.get("user_expressions", {}).get("result", {})
+        if reply.get("status") != "ok" or result.get("status") != "ok":
+            failure = result if result.get("ename") else reply
+            raise DashError(
+                f"the remote session failed: {failure.get('ename')}: {failure.get('evalue')}"
+            )
+        return json.loads(ast.literal_eval(result["data"]["text/plain"]))
+
+    async def _off_loop(self, function: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+    async def _push(self, argument: str) -> str:
+        names = argument.split()
+        if not names:
+            raise DashError("name the variables to send: %dash push x y")
+        missing = [n for n in names if n not in self.shell.user_ns]
+        if missing:
+            raise DashError(f"no local variable named {', '.join(missing)}")
+        remote = await self._ensure_session()
+        key = f"dash-transfer-{uuid.uuid4().hex}"
+        sent = await self._off_loop(publish_names, remote.conn, self.shell.user_ns, names, key)
+        try:
+            if sent["unpicklable"]:
+                raise SerializationError("send", sent["unpicklable"])
+            result = await self._in_remote(f"dash_kernel.transfer.remote_receive({key!r})")
+        finally:
+            await self._off_loop(remote.conn.client.unpublish_dataset, key)
+        return f"Sent to the session: {', '.join(result['received'])}\n" + _not_moved(
+            result["failed"], {}, []
+        )
+
+    async def _pull(self, argument: str) -> str:
+        names = argument.split()
+        if not names:
+            raise DashError("name the variables to fetch: %dash pull x y")
+        remote = await self._ensure_session()
+        key = f"dash-transfer-{uuid.uuid4().hex}"
+        sent = await self._in_remote(f"dash_kernel.transfer.remote_publish({key!r}, {names!r})")
+        try:
+            got = await self._off_loop(receive_names, remote.conn, self.shell.user_ns, key)
+        finally:
+            await self._off_loop(remote.conn.client.unpublish_dataset, key)
+        fetched = ", ".join(got["received"]) or "nothing"
+        return f"Fetched from the session: {fetched}\n" + _not_moved(
+            got["failed"], sent["unpicklable"], sent["missing"]
+        )
+
+    async def _use(self, argument: str) -> str:
+        spec = ResourceSpec.from_string(argument)
+        conn = await self._off_loop(connect)
+        await self._off_loop(conn.ensure_satisfiable, spec)
+        if self.remote is None or self.remote.lost_reason():
+            self.session_spec = spec
+            await self._ensure_session()
+            return f"The session now runs on {self.remote.describe()}.\n"
+        key = f"dash-transfer-{uuid.uuid4().hex}"
+        sent = await self._in_remote(f"dash_kernel.transfer.remote_publish({key!r}, None)")
+        try:
+            old, self.remote = self.remote, None
+            await old.shutdown()
+            self.session_spec = spec
+            await self._ensure_session()
+            got = await self._in_remote(f"dash_kernel.transfer.remote_receive({key!r})")
+        finally:
+            await self._off_loop(conn.client.unpublish_dataset, key)
+        carried = ", ".join(got["received"]) or "nothing"
+        return (
+            f"The session moved to {self.remote.describe()}. Carried over: {carried}\n"
+            + _not_moved(got["failed"], sent["unpicklable"], [])
+        )
 
     def _error_reply(self, exc: BaseException, hint: str) -> dict[str, Any]:
         name = type(exc).__name__
@@ -372,6 +495,20 @@ class DashKernel(IPythonKernel):
             self.remote = None
         result = super().do_shutdown(restart)
         return await result if asyncio.iscoroutine(result) else result
+
+
+def _session_command(code: str) -> tuple[str, str] | None:
+    """``("push", "x y")`` for a ``%dash push x y`` cell (also pull and use), else None."""
+    parts = code.strip().split(maxsplit=2)
+    if len(parts) >= 2 and parts[0] == "%dash" and parts[1] in ("push", "pull", "use"):
+        return parts[1], parts[2] if len(parts) == 3 else ""
+    return None
+
+
+def _not_moved(failed: dict[str, str], unpicklable: dict[str, str], missing: list[str]) -> str:
+    lines = [f"Not moved: {name} ({why})\n" for name, why in {**unpicklable, **failed}.items()]
+    lines += [f"Not moved: {name} (no such variable in the session)\n" for name in missing]
+    return "".join(lines)
 
 
 class DashKernelApp(IPKernelApp):

@@ -165,7 +165,10 @@ class DashMagics(Magics):
         """``%dash status``: the connection and the cluster. ``%dash workers``: the workers."""
         command = line.split()[0] if line.split() else "status"
         if command not in ("status", "workers"):
-            raise DashError(f"unknown %dash command {command!r}; try %dash status or %dash workers")
+            raise DashError(
+                f"unknown %dash command {command!r}; try %dash status or %dash workers "
+                "(and, in the DASH kernel, push, pull or use)"
+            )
         status = cluster_status(connect())
         # In the DASH kernel, say where this notebook's remote session runs.
         remote = getattr(getattr(self.shell, "kernel", None), "remote", None)

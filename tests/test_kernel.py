@@ -287,3 +287,35 @@ def test_dk_and_dash_magics_work_inside_the_remote_session(dash):
     assert nested.status == "ok", nested.traceback_text()
     check = dash.execute(f"print(result, cell_pid != {session_pid})")
     assert check.stream() == "21 True\n"
+
+
+def test_push_pull_and_use_move_variables_and_name_what_cannot_move(dash):
+    dash.execute("%%local\nimport threading\nlocal_list = [1, 2, 3]\nlocal_lock = threading.Lock()")
+    pushed = dash.execute("%dash push local_list")
+    assert pushed.status == "ok", pushed.traceback_text()
+    assert pushed.stream() == "Sent to the session: local_list\n"
+    assert dash.execute("print(sum(local_list))").stream() == "6\n"
+    refused = dash.execute("%dash push local_lock")
+    assert refused.error["ename"] == "SerializationError"
+    assert "local_lock (_thread.lock" in refused.error["evalue"]
+
+    dash.execute("import threading\nremote_dict = {'a': 1}\nremote_lock = threading.Lock()")
+    pulled = dash.execute("%dash pull remote_dict remote_lock not_there")
+    assert pulled.status == "ok", pulled.traceback_text()
+    text = pulled.stream()
+    assert text.startswith("Fetched from the session: remote_dict\n")
+    assert "Not moved: remote_lock (_thread.lock" in text
+    assert "Not moved: not_there (no such variable in the session)" in text
+    assert dash.execute("%%local\nprint(remote_dict)").stream() == "{'a': 1}\n"
+
+    old_pid = _remote_pid(dash)
+    moved = dash.execute("%dash use cpu=1", timeout=120)
+    assert moved.status == "ok", moved.traceback_text()
+    assert "The session moved to worker local-" in moved.stream()
+    assert "remote_dict" in moved.stream() and "Not moved: remote_lock" in moved.stream()
+    assert dash.execute("print(remote_dict['a'] + 1)").stream() == "2\n"
+    assert _remote_pid(dash) != old_pid
+
+    impossible = dash.execute("%dash use gpu=1")
+    assert impossible.error["ename"] == "ResourceUnavailable"
+    assert dash.execute("print(remote_dict)").stream() == "{'a': 1}\n"  # the session stayed
