@@ -152,6 +152,15 @@ class RemoteSession:
         self.last_heard = time.monotonic()
         if event["op"] in ("died", "closed"):
             self.ended = event.get("reason", "the session closed")
+        elif event["op"] == "ready" and self.info:
+            # Dask re-ran the session task elsewhere: its worker died, and the kernel
+            # that held the notebook's state with it. A fresh kernel is not the session.
+            self.ended = (
+                f"worker {self.info.get('worker_name')} died, and the session's kernel and "
+                "its variables with it"
+            )
+            self._closed.set()
+            return {"op": "died", "reason": self.ended}
         return event
 
     def silent_for(self) -> float:

@@ -319,3 +319,24 @@ def test_push_pull_and_use_move_variables_and_name_what_cannot_move(dash):
     impossible = dash.execute("%dash use gpu=1")
     assert impossible.error["ename"] == "ResourceUnavailable"
     assert dash.execute("print(remote_dict)").stream() == "{'a': 1}\n"  # the session stayed
+
+
+def test_a_worker_dying_under_a_session_is_reported_and_nothing_is_left(
+    gateway, dash_kernelspec, tmp_path
+):
+    with KernelDriver(kernel_name="dash", env=gateway.env, cwd=str(tmp_path)) as kernel:
+        kernel.execute("import os, time\nstate = 'lost with the worker'", timeout=120)
+        remote_kernel = psutil.Process(_remote_pid(kernel))
+        worker = remote_kernel.parent()
+        assert "multiprocessing" in " ".join(worker.cmdline())  # a Dask worker process
+        threading.Timer(1.0, worker.kill).start()
+        run = kernel.execute("print('working', flush=True)\ntime.sleep(30)", timeout=90)
+        assert run.status == "error"
+        assert run.error["ename"] == "SessionLost"
+        assert "worker" in run.error["evalue"]
+        assert not wait_gone([remote_kernel], timeout=20), "the remote kernel outlived its worker"
+        again = kernel.execute("print('state' in globals())", timeout=120)
+        assert again.status == "ok", again.traceback_text()
+        assert again.stream() == "False\n"
+        assert "a new session started" in again.stream("stderr")
+    gateway.wait_for_workers(2)  # the nanny brought the worker back
