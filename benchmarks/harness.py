@@ -57,13 +57,14 @@ class Sizes:
     frame_seconds: float
     transfer_bytes: int
     transfer_reps: int
+    startup_reps: int
 
 
 # Full takes about 20 minutes on a 2-core VM, where a no-op Dask task costs ~4 ms.
-FULL = Sizes("full", 200, 10_000, 3, 3, 1_200, 3, 0.05, 1024 * MiB, 5)
-QUICK = Sizes("quick", 20, 2_000, 3, 3, 120, 3, 0.05, 64 * MiB, 5)
+FULL = Sizes("full", 200, 10_000, 3, 3, 1_200, 3, 0.05, 1024 * MiB, 5, 5)
+QUICK = Sizes("quick", 20, 2_000, 3, 3, 120, 3, 0.05, 64 * MiB, 5, 3)
 # For tests/test_benchmarks.py: the whole pipeline in well under a minute.
-TINY = Sizes("tiny", 5, 100, 2, 1, 8, 1, 0.02, 4 * MiB, 2)
+TINY = Sizes("tiny", 5, 100, 2, 1, 8, 1, 0.02, 4 * MiB, 2, 1)
 
 
 @dataclass
