@@ -70,7 +70,13 @@ class SessionEvents:
         self.log_event(self.topic, {"op": op, **fields})
 
 
-def host_session(session_id: str, to_host: str, to_kernel: str, env: dict[str, str]) -> str:
+def host_session(
+    session_id: str,
+    to_host: str,
+    to_kernel: str,
+    env: dict[str, str],
+    memory_limit: int | None = None,
+) -> str:
     """The Dask task that holds a session's resources for its whole life (runs on a worker)."""
     worker = get_worker()
     host = worker.plugins.get(PLUGIN_NAME)
@@ -82,7 +88,7 @@ def host_session(session_id: str, to_host: str, to_kernel: str, env: dict[str, s
     # Tracked, so that if the notebook's client vanishes (its kernel killed), Dask's
     # cancellation stops the relay and the remote kernel with it.
     with Tracked():
-        return host.run(session_id, to_host, to_kernel, env)
+        return host.run(session_id, to_host, to_kernel, env, memory_limit)
 
 
 class RemoteSession:
@@ -120,6 +126,7 @@ class RemoteSession:
             self.to_host,
             self.to_kernel,
             self.conn.client_environment(),
+            self.spec.memory,
             key=f"dash-session-{self.id}",
             resources=self.spec.to_dask() or None,
             pure=False,

@@ -204,15 +204,28 @@ def test_interrupt_stops_the_remote_cell_and_its_state_survives(dash):
     assert dash.execute("print(kept)").stream() == "still here\n"
 
 
+@pytest.mark.parametrize(
+    ("death", "reason"),
+    [
+        ("os._exit(3)", "exited with status 3"),
+        ("import ctypes\nctypes.string_at(0)", "killed by SIGSEGV"),
+        # the test workers' limit is 1 GB (0.93 GiB)
+        (
+            "hog = b'x' * (1536 * 2**20)\nimport time\ntime.sleep(10)",
+            "over the session's memory limit of 0.93 GiB",
+        ),
+    ],
+    ids=["exit", "segfault", "memory-limit"],
+)
 def test_a_dying_session_is_reported_and_the_next_cell_gets_a_new_one(
-    gateway, dash_kernelspec, tmp_path
+    gateway, dash_kernelspec, tmp_path, death, reason
 ):
     with KernelDriver(kernel_name="dash", env=gateway.env, cwd=str(tmp_path)) as kernel:
         first_pid = _remote_pid(kernel) if kernel.execute("import os").status == "ok" else None
-        run = kernel.execute("os._exit(3)", timeout=60)
+        run = kernel.execute(death, timeout=60)
         assert run.status == "error"
         assert run.error["ename"] == "SessionLost"
-        assert "exited with status 3" in run.error["evalue"]
+        assert reason in run.error["evalue"]
         again = kernel.execute("import os\nprint(os.getpid())", timeout=120)
         assert again.status == "ok", again.traceback_text()
         assert "a new session started" in again.stream("stderr")

@@ -22,7 +22,9 @@ import tempfile
 import time
 from typing import Any
 
+import psutil
 import zmq
+from dask.utils import format_bytes
 from distributed import get_client, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 from jupyter_client.manager import KernelManager
@@ -47,9 +49,21 @@ class SessionHost(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         self.worker = worker
 
-    def run(self, session_id: str, to_host: str, to_kernel: str, env: dict[str, str]) -> str:
-        """Host one session until it is shut down or its kernel dies; returns why it ended."""
-        relay = _Relay(self.worker, session_id, to_host, to_kernel, env)
+    def run(
+        self,
+        session_id: str,
+        to_host: str,
+        to_kernel: str,
+        env: dict[str, str],
+        memory_limit: int | None = None,
+    ) -> str:
+        """Host one session until it is shut down or its kernel dies; returns why it ended.
+
+        The kernel is stopped if it uses more than ``memory_limit`` bytes (default: the
+        worker's own limit), as Dask's nanny does for workers.
+        """
+        limit = memory_limit or self.worker.memory_manager.memory_limit
+        relay = _Relay(self.worker, session_id, to_host, to_kernel, env, limit)
         try:
             return relay.run()
         finally:
@@ -58,9 +72,17 @@ class SessionHost(WorkerPlugin):
 
 class _Relay:
     def __init__(
-        self, worker: Any, session_id: str, to_host: str, to_kernel: str, env: dict[str, str]
+        self,
+        worker: Any,
+        session_id: str,
+        to_host: str,
+        to_kernel: str,
+        env: dict[str, str],
+        memory_limit: int | None,
     ):
         self.worker = worker
+        self.memory_limit = memory_limit
+        self.kill_reason: str | None = None
         self.session_id = session_id
         self.to_host = to_host
         self.events = SessionEvents(worker.log_event, to_kernel)
@@ -120,12 +142,29 @@ class _Relay:
                 if ended:
                     return ended
             if not self.manager.is_alive():
-                reason = _exit_reason(self.manager)
+                reason = self.kill_reason or _exit_reason(self.manager)
                 self.events.emit("died", reason=reason)
                 return f"kernel died: {reason}"
             if time.monotonic() - last_beat > HEARTBEAT_EVERY:
+                self._enforce_memory_limit()
                 self.events.emit("heartbeat")
                 last_beat = time.monotonic()
+
+    def _enforce_memory_limit(self) -> None:
+        if not self.memory_limit:
+            return
+        try:
+            kernel = psutil.Process(self.manager.provisioner.pid)
+            used = sum(p.memory_info().rss for p in [kernel, *kernel.children(recursive=True)])
+        except psutil.Error:
+            return
+        if used > self.memory_limit:
+            self.kill_reason = (
+                f"the kernel used {format_bytes(used)}, over the session's memory limit of "
+                f"{format_bytes(self.memory_limit)}, and was stopped"
+            )
+            log.warning("session %s: %s", self.session_id, self.kill_reason)
+            kernel.kill()
 
     def _drain_wake(self) -> None:
         try:
