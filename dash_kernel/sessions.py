@@ -29,7 +29,7 @@ from jupyter_client.jsonutil import json_default
 
 from .cluster import Connection
 from .errors import DashError
-from .resources import ResourceSpec
+from .resources import ResourceSpec, format_resources
 from .tasks import Tracked
 
 __all__ = ["PLUGIN_NAME", "RemoteSession", "SessionEvents", "SessionLost", "host_session"]
@@ -210,7 +210,12 @@ class RemoteSession:
         self.future = None
 
     def describe(self) -> str:
+        """Where the session runs, e.g. "worker local-0 (CPU: 1 CPU, 0.93 GiB RAM; asked for
+        any worker)"."""
         info = self.info
         resources = info.get("resources") or {}
         kind = f"GPU {info.get('gpus')}" if resources.get("GPU") else "CPU"
-        return f"worker {info.get('worker_name')} ({kind}; asked for {self.spec})"
+        return (
+            f"worker {info.get('worker_name')} ({kind}: {format_resources(resources)}; "
+            f"asked for {self.spec})"
+        )

@@ -69,7 +69,7 @@ def test_the_wheel_installs_the_kernelspec(tmp_path):
 def test_first_cell_says_where_the_session_runs(dash):
     notice = dash.first.stream("stderr")
     assert notice.startswith("DASH: this notebook runs on worker local-")
-    assert "(CPU;" in notice
+    assert "(CPU: 1 CPU, 0.93 GiB RAM; asked for any worker)" in notice
     assert notice.count("DASH:") == 1
     assert "DASH:" not in dash.execute("1").stream("stderr")  # said once
 
@@ -130,7 +130,7 @@ def test_local_cells_run_here_and_dash_status_shows_the_session(dash):
     status = dash.execute("%dash status")
     assert status.status == "ok", status.traceback_text()
     text = status.of_type("execute_result")[0]["content"]["data"]["text/plain"]
-    assert "this session: worker local-" in text and "(CPU; asked for any worker)" in text
+    assert "this session: worker local-" in text and "asked for any worker" in text
 
 
 def test_completion_inspection_and_is_complete_come_from_the_session(dash):
@@ -245,6 +245,8 @@ def test_restart_gives_a_fresh_session_and_ends_the_old_one(gateway, dash_kernel
     try:
         kernel.execute("import os\nvalue = 1", timeout=120)
         old_process = psutil.Process(_remote_pid(kernel))
+        old_directory = Path(old_process.cwd())
+        assert old_directory.name.startswith("dash-session-")
         kernel.manager.restart_kernel()
         kernel.client.wait_for_ready(timeout=60)
         run = kernel.execute("import os\nprint(os.getpid(), 'value' in globals())", timeout=120)
@@ -253,6 +255,10 @@ def test_restart_gives_a_fresh_session_and_ends_the_old_one(gateway, dash_kernel
         assert not wait_gone([old_process], timeout=20), (
             "the old remote kernel outlived the restart"
         )
+        deadline = time.monotonic() + 10
+        while old_directory.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not old_directory.exists(), "the old session's directory was left on the worker"
     finally:
         kernel.shutdown()
     # shutting down frees the session's worker slot

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import queue
+import shutil
 import signal
 import socket
 import tempfile
@@ -204,6 +205,7 @@ class _Relay:
                 log.exception("could not shut down the kernel of session %s", self.session_id)
         self._wake_r.close()
         self._wake_w.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
         self.events.emit("closed")
 
 
