@@ -102,6 +102,8 @@ class _RoutedStream(io.TextIOBase):
 
 
 def _install_streams() -> None:
+    if isinstance(sys.stdout, _RoutedStream) and isinstance(sys.stderr, _RoutedStream):
+        return  # every task after the first: no lock on this path
     with _install_lock:
         for name in ("stdout", "stderr"):
             current = getattr(sys, name)

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import json
 import signal
 import sys
 import uuid
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.kernelapp import IPKernelApp
 
 from ._version import __version__
-from .cluster import connect
+from .cluster import Connection, connect
 from .errors import DashError
 from .magics import DashMagics
 from .resources import ResourceSpec
@@ -75,30 +77,23 @@ class DashKernel(IPythonKernel):
         previous = self.remote
         if previous is not None:
             previous.close()
-        conn = await asyncio.get_running_loop().run_in_executor(None, connect)
+        conn = await self._off_loop(connect)
         self.remote = RemoteSession(conn, self.session_spec, asyncio.get_running_loop())
         await self.remote.start()
         self._remote_next_count = 1
+        # referenced, so the running task is not garbage-collected
         self._pump = asyncio.create_task(self._pump_events(self.remote))
         where = self.remote.describe()
         if previous is not None:
-            self._notice(
+            self._say(
                 f"DASH: a new session started on {where}; the previous one was lost "
-                f"({previous.lost_reason()}), so its variables are gone.\n"
+                f"({previous.lost_reason()}), so its variables are gone.\n",
+                "stderr",
             )
         elif self._announced != where:
-            self._notice(f"DASH: this notebook runs on {where}.\n")
+            self._say(f"DASH: this notebook runs on {where}.\n", "stderr")
         self._announced = where
         return self.remote
-
-    def _notice(self, text: str) -> None:
-        self.session.send(
-            self.iopub_socket,
-            "stream",
-            {"name": "stderr", "text": text},
-            parent=self.get_parent("shell"),
-            ident=self._topic("stream"),
-        )
 
     def _send_remote(
         self, remote: RemoteSession, channel: str, msg_type: str, content: dict[str, Any]
@@ -209,15 +204,13 @@ class DashKernel(IPythonKernel):
         self, remote: RemoteSession, request: dict[str, Any], parent: dict[str, Any] | None
     ) -> None:
         content = request["content"]
-        loop = asyncio.get_running_loop()
-        value = await loop.run_in_executor(
-            None,
+        value = await self._off_loop(
             lambda: self._input_request(
                 content.get("prompt", ""),
                 self._parent_ident["shell"],
                 parent or self.get_parent("shell"),
                 password=content.get("password", False),
-            ),
+            )
         )
         reply = self.session.msg("input_reply", {"value": value}, parent=request)
         remote.send("stdin", reply)
@@ -341,7 +334,18 @@ class DashKernel(IPythonKernel):
         return json.loads(ast.literal_eval(result["data"]["text/plain"]))
 
     async def _off_loop(self, function: Any, *args: Any) -> Any:
+        """Run a blocking call (Dask's sync API, a stdin wait) off the kernel's event loop."""
         return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+    @contextlib.asynccontextmanager
+    async def _transfer(self, conn: Connection) -> AsyncIterator[str]:
+        """A one-time dataset name for moving variables, unpublished afterwards whatever
+        happened (unpublishing a name never published is harmless)."""
+        key = f"dash-transfer-{uuid.uuid4().hex}"
+        try:
+            yield key
+        finally:
+            await self._off_loop(conn.client.unpublish_dataset, key)
 
     async def _push(self, argument: str) -> str:
         names = argument.split()
@@ -351,14 +355,11 @@ class DashKernel(IPythonKernel):
         if missing:
             raise DashError(f"no local variable named {', '.join(missing)}")
         remote = await self._ensure_session()
-        key = f"dash-transfer-{uuid.uuid4().hex}"
-        sent = await self._off_loop(publish_names, remote.conn, self.shell.user_ns, names, key)
-        try:
+        async with self._transfer(remote.conn) as key:
+            sent = await self._off_loop(publish_names, remote.conn, self.shell.user_ns, names, key)
             if sent["unpicklable"]:
                 raise SerializationError("send", sent["unpicklable"])
             result = await self._in_remote(f"dash_kernel.transfer.remote_receive({key!r})")
-        finally:
-            await self._off_loop(remote.conn.client.unpublish_dataset, key)
         return f"Sent to the session: {', '.join(result['received'])}\n" + _not_moved(
             result["failed"], {}, []
         )
@@ -368,12 +369,9 @@ class DashKernel(IPythonKernel):
         if not names:
             raise DashError("name the variables to fetch: %dash pull x y")
         remote = await self._ensure_session()
-        key = f"dash-transfer-{uuid.uuid4().hex}"
-        sent = await self._in_remote(f"dash_kernel.transfer.remote_publish({key!r}, {names!r})")
-        try:
+        async with self._transfer(remote.conn) as key:
+            sent = await self._in_remote(f"dash_kernel.transfer.remote_publish({key!r}, {names!r})")
             got = await self._off_loop(receive_names, remote.conn, self.shell.user_ns, key)
-        finally:
-            await self._off_loop(remote.conn.client.unpublish_dataset, key)
         fetched = ", ".join(got["received"]) or "nothing"
         return f"Fetched from the session: {fetched}\n" + _not_moved(
             got["failed"], sent["unpicklable"], sent["missing"]
@@ -387,16 +385,13 @@ class DashKernel(IPythonKernel):
             self.session_spec = spec
             await self._ensure_session()
             return f"The session now runs on {self.remote.describe()}.\n"
-        key = f"dash-transfer-{uuid.uuid4().hex}"
-        sent = await self._in_remote(f"dash_kernel.transfer.remote_publish({key!r}, None)")
-        try:
+        async with self._transfer(conn) as key:
+            sent = await self._in_remote(f"dash_kernel.transfer.remote_publish({key!r}, None)")
             old, self.remote = self.remote, None
             await old.shutdown()
             self.session_spec = spec
             await self._ensure_session()
             got = await self._in_remote(f"dash_kernel.transfer.remote_receive({key!r})")
-        finally:
-            await self._off_loop(conn.client.unpublish_dataset, key)
         carried = ", ".join(got["received"]) or "nothing"
         return (
             f"The session moved to {self.remote.describe()}. Carried over: {carried}\n"

@@ -95,16 +95,14 @@ def _frame_lines(frame: traceback.FrameSummary, namer: CodeNamer | None) -> list
     return ["\n".join(lines)]
 
 
-def render_traceback(
-    exc: BaseException, tb: TracebackType | None = None, namer: CodeNamer | None = None
-) -> list[str]:
+def render_traceback(exc: BaseException, tb: TracebackType | None = None) -> list[str]:
     """IPython-style traceback lines (with colours) for ``exc``, without internal frames.
 
-    ``tb`` overrides ``exc.__traceback__`` for the last exception of the chain; ``namer``
-    turns a cell's file name into IPython's ("Cell", "In[3]") label.
+    ``tb`` overrides ``exc.__traceback__`` for the last exception of the chain. Cells are
+    labelled as IPython labels them ("Cell In[3]") when running in IPython.
     """
     out: list[str] = []
-    namer = namer or _ipython_namer()
+    namer = _ipython_namer()
     chain = _chain(exc)
     for position, current in enumerate(chain):
         frames = traceback.extract_tb(
