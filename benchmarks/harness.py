@@ -38,6 +38,8 @@ IDS = (
     "transfer",
     "storage",
     "startup",
+    "join",
+    "gpu_slots",
 )
 
 MiB = 1 << 20
@@ -138,7 +140,7 @@ def _round(value: Any) -> Any:
 
 def all_benchmarks() -> list[Benchmark]:
     """Every comparison, in report order."""
-    from . import fanout, frames, kernel, magic, storage, transfer
+    from . import contributed, fanout, frames, kernel, magic, storage, transfer
 
     found = [
         kernel.CELL_ROUNDTRIP,
@@ -149,6 +151,8 @@ def all_benchmarks() -> list[Benchmark]:
         transfer.TRANSFER,
         storage.STORAGE,
         kernel.STARTUP,
+        contributed.JOIN,
+        contributed.GPU_SLOTS,
     ]
     assert tuple(b.id for b in found) == IDS
     return found

@@ -12,10 +12,24 @@ from distributed.system import MEMORY_LIMIT
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.serverapp import ServerApp
-from traitlets import Float, Int, Unicode, Union, default, validate
+from traitlets import Enum, Float, Int, Unicode, Union, default, validate
 
+from dash_gateway.auth import DashIdentityProvider
 from dash_gateway.cluster import ClusterSupervisor
 from dash_gateway.handlers import ClusterHandler, StatusHandler
+from dash_gateway.machines import (
+    AgentCertificateHandler,
+    AgentDrainHandler,
+    AgentHandler,
+    AgentHeartbeatHandler,
+    EnrolHandler,
+    InvitesHandler,
+    WorkerActionHandler,
+    WorkerHandler,
+    WorkerOptions,
+    WorkersHandler,
+)
+from dash_gateway.registry import MAX_INVITE_LIFETIME, Registry
 from dash_kernel._version import __version__
 
 _WILDCARD_HOSTS = ("", "0.0.0.0", "*", "localhost")
@@ -47,6 +61,23 @@ class DashGateway(ExtensionApp):
     version = __version__
     load_other_extensions = True
 
+    # The server's token is the operator; accounts (`dash-gateway users add`) get the DASH API only.
+    serverapp_config = {
+        "identity_provider_class": "dash_gateway.auth.DashIdentityProvider",
+        "authorizer_class": "dash_gateway.auth.DashAuthorizer",
+    }
+
+    subcommands = {
+        "users": (
+            "dash_gateway.commands.UsersApp",
+            "Manage user accounts and their API tokens: users add|list|remove.",
+        ),
+        "invite": (
+            "dash_gateway.commands.InviteApp",
+            "Create a one-time invite to contribute a machine (prints the dash-worker command).",
+        ),
+    }
+
     default_url = Unicode("/lab", help="The page the server opens first.").tag(config=True)
 
     aliases = {
@@ -57,6 +88,8 @@ class DashGateway(ExtensionApp):
         "scheduler-port": "DashGateway.scheduler_port",
         "worker-threads": "DashGateway.worker_threads",
         "worker-memory-limit": "DashGateway.worker_memory_limit",
+        "approve-workers": "DashGateway.approve_workers",
+        "public-url": "DashGateway.public_url",
     }
 
     local_workers = Int(
@@ -113,6 +146,69 @@ class DashGateway(ExtensionApp):
         60.0, help="Seconds to wait for the scheduler and local workers before warning."
     ).tag(config=True)
 
+    approve_workers = Enum(
+        ["auto", "manual"],
+        default_value="auto",
+        help="Whether a newly enrolled machine may join at once ('auto') or waits as "
+        "'pending' until the operator approves it (POST /dash/api/workers/<name>/approve).",
+    ).tag(config=True)
+
+    public_url = Unicode(
+        "",
+        help="The URL contributed machines reach this gateway at (e.g. "
+        "https://gpu.example.org/), written into invites' join commands. Default: the URL "
+        "the invite was requested on.",
+    ).tag(config=True)
+
+    @validate("public_url")
+    def _validate_public_url(self, proposal: dict[str, Any]) -> str:
+        url = proposal["value"].strip()
+        if url and not url.startswith(("http://", "https://")):
+            raise ValueError(f"public_url must start with http:// or https://, not {url!r}")
+        return url if not url or url.endswith("/") else url + "/"
+
+    worker_heartbeat_interval = Float(
+        2.0, help="Seconds between the heartbeats of a contributed machine's agent."
+    ).tag(config=True)
+
+    worker_heartbeat_timeout = Float(
+        15.0,
+        help="Seconds without a heartbeat after which a contributed machine is shown offline.",
+    ).tag(config=True)
+
+    worker_certificate_lifetime = Float(
+        7 * 86400.0,
+        help="Seconds a contributed machine's worker certificate is valid (its agent renews it).",
+    ).tag(config=True)
+
+    invite_lifetime = Float(
+        86400.0, help="Seconds an invite stays valid unless its creator asks otherwise."
+    ).tag(config=True)
+
+    @validate(
+        "worker_heartbeat_interval",
+        "worker_heartbeat_timeout",
+        "worker_certificate_lifetime",
+        "invite_lifetime",
+    )
+    def _validate_positive(self, proposal: dict[str, Any]) -> float:
+        name, value = proposal["trait"].name, proposal["value"]
+        if value <= 0:
+            raise ValueError(f"{name} must be more than 0 seconds")
+        if name == "invite_lifetime" and value > MAX_INVITE_LIFETIME:
+            raise ValueError(f"invite_lifetime must be at most {MAX_INVITE_LIFETIME} s (30 days)")
+        return value
+
+    def worker_options(self) -> WorkerOptions:
+        return WorkerOptions(
+            approve_workers=self.approve_workers,
+            public_url=self.public_url,
+            heartbeat_interval=self.worker_heartbeat_interval,
+            heartbeat_timeout=max(self.worker_heartbeat_timeout, self.worker_heartbeat_interval),
+            certificate_lifetime=self.worker_certificate_lifetime,
+            invite_lifetime=self.invite_lifetime,
+        )
+
     def memory_limit_bytes(self) -> int:
         """``worker_memory_limit`` resolved to bytes."""
         value = self.worker_memory_limit
@@ -134,15 +230,47 @@ class DashGateway(ExtensionApp):
             worker_memory_limit=self.memory_limit_bytes(),
             start_timeout=self.cluster_start_timeout,
         )
+        self.registry = Registry(self.data_dir)
+        # The scheduler enforces the policy file: make it match the registry from the start.
+        self.registry.write_policy()
+        provider = self.serverapp.identity_provider if self.serverapp else None
+        if isinstance(provider, DashIdentityProvider):
+            provider.registry = self.registry
 
     def initialize_handlers(self) -> None:
-        kwargs = {"cluster": self.cluster}
+        cluster = {"cluster": self.cluster}
+        machines = {**cluster, "registry": self.registry, "options": self.worker_options()}
+        name = r"(?P<name>[^/]+)"
         self.handlers.extend(
             [
-                (r"/dash/api/status", StatusHandler, kwargs),
-                (r"/dash/api/cluster", ClusterHandler, kwargs),
+                (r"/dash/api/status", StatusHandler, cluster),
+                (r"/dash/api/cluster", ClusterHandler, cluster),
+                (r"/dash/api/invites", InvitesHandler, machines),
+                (r"/dash/api/workers", WorkersHandler, machines),
+                (rf"/dash/api/workers/{name}", WorkerHandler, machines),
+                (
+                    rf"/dash/api/workers/{name}/(?P<action>pause|resume|drain|approve)",
+                    WorkerActionHandler,
+                    machines,
+                ),
+                # Machines authenticate with their invite or machine token, not a login.
+                (r"/dash/api/enrol", EnrolHandler, machines),
+                (r"/dash/api/agent", AgentHandler, machines),
+                (r"/dash/api/agent/heartbeat", AgentHeartbeatHandler, machines),
+                (r"/dash/api/agent/certificate", AgentCertificateHandler, machines),
+                (r"/dash/api/agent/drain", AgentDrainHandler, machines),
             ]
         )
+
+    def _jupyter_server_config(self) -> dict[str, Any]:
+        # Our identity provider and authorizer are defaults: an operator's own choice in
+        # jupyter_server_config.py or on the command line wins.
+        config = super()._jupyter_server_config()
+        chosen = self.serverapp.config.get("ServerApp", {}) if self.serverapp else {}
+        for key in self.serverapp_config:
+            if key in chosen:
+                config["ServerApp"].pop(key, None)
+        return config
 
     def _route_module_logs(self) -> None:
         # Module loggers (dash_gateway.cluster, ...) write through the server's own log
@@ -162,6 +290,8 @@ class DashGateway(ExtensionApp):
         os.environ["DASH_GATEWAY_URL"] = gateway_url(serverapp)
         os.environ["DASH_TOKEN"] = serverapp.identity_provider.token or ""
         self._install_sigint_stop(serverapp)
+        # `dash-gateway invite` (run separately) puts this URL in the join command.
+        self.registry.set_meta("gateway_url", self.public_url or gateway_url(serverapp))
         self.log.info(
             "DASH %s: gateway %s, data in %s",
             __version__,

@@ -21,7 +21,8 @@ from typing import Any
 import psutil
 from distributed.core import CommClosedError
 
-from dash_gateway.scheduler_rpc import scheduler_identity, workers_from_identity
+from dash_gateway.policy import LOCAL_MACHINE, policy_path
+from dash_gateway.scheduler_rpc import call_scheduler, scheduler_identity, workers_from_identity
 from dash_gateway.tls import CertificateAuthority, Credentials
 
 log = logging.getLogger(__name__)
@@ -288,6 +289,7 @@ class ClusterSupervisor:
                 "--port", str(self.scheduler_port),
                 "--tls-ca", ca, "--tls-cert", cert, "--tls-key", key,
                 "--address-file", str(address_file),
+                "--policy-file", str(policy_path(self.data_dir)),
                 "--parent-pid", str(os.getpid()),
             ]  # fmt: skip
             self.scheduler.spawn(argv, child_environment())
@@ -321,7 +323,7 @@ class ClusterSupervisor:
         if self.local_workers <= 0:
             return
         assert self.ca is not None and self._run_dir is not None
-        creds = self.ca.issue("worker", "local-workers", hosts=[self._worker_host() or ""])
+        creds = self.ca.issue("worker", LOCAL_MACHINE, hosts=[self._worker_host() or ""])
         ca, cert, key = creds.write(self._run_dir, "worker")
         argv = [
             sys.executable, "-m", "dash_worker", "serve",
@@ -330,7 +332,7 @@ class ClusterSupervisor:
             "--nthreads", str(self.worker_threads),
             "--memory-limit", str(self.worker_memory_limit or "auto"),
             "--tls-ca", ca, "--tls-cert", cert, "--tls-key", key,
-            "--name-prefix", "local",
+            "--name-prefix", LOCAL_MACHINE,
             "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
         host = self._worker_host()
@@ -394,6 +396,18 @@ class ClusterSupervisor:
             return []
         info = await scheduler_identity(self.scheduler_address, self._gateway_connection_args())
         return workers_from_identity(info)
+
+    async def dash_workers(self) -> list[dict[str, Any]]:
+        """Live workers with their machine and running task count (the scheduler plugin's
+        ``dash_workers``); [] while no scheduler is known."""
+        if not self.scheduler_address:
+            return []
+        rows = await call_scheduler(
+            self.scheduler_address, self._gateway_connection_args(), "dash_workers"
+        )
+        if not isinstance(rows, list):
+            raise RuntimeError(f"unexpected dash_workers reply: {type(rows).__name__}")
+        return rows
 
     def client_credentials(self, username: str) -> Credentials:
         """A fresh short-lived client certificate for a user's kernel."""

@@ -15,9 +15,49 @@ from dash_kernel._version import __version__
 # How long /dash/api/cluster waits for a scheduler that is still starting.
 SCHEDULER_WAIT = 30.0
 AUTH_RESOURCE = "dash"
+AUTH_NEEDED = (
+    "authentication needed: send 'Authorization: token <token>' with the server's token, "
+    "or with an account token made by 'dash-gateway users add NAME'"
+)
 
 
-class DashAPIHandler(APIHandler):
+class JSONAPIHandler(APIHandler):
+    """JSON in and out; every error is ``{"message": "<a sentence saying what to do>"}``."""
+
+    def write_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data))
+
+    def json_body(self) -> dict[str, Any]:
+        """The request body as a JSON object ({} when empty); 400 if it is anything else."""
+        if not self.request.body.strip():
+            return {}
+        try:
+            body = json.loads(self.request.body)
+        except ValueError:
+            # The body may carry a token: say what is wrong, never echo it.
+            raise web.HTTPError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, "the request body must be a JSON object")
+        return body
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = (kwargs.get("exc_info") or (None, None, None))[1]
+        if isinstance(exc, web.HTTPError) and exc.log_message:
+            message = exc.log_message % exc.args if exc.args else exc.log_message
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps({"message": message, "reason": exc.reason}))
+            return
+        super().write_error(status_code, **kwargs)
+
+
+def http_error(status: int, message: str) -> web.HTTPError:
+    """An HTTP error whose ``message`` reaches the client as it is (``%`` included)."""
+    return web.HTTPError(status, "%s", message)
+
+
+class DashAPIHandler(JSONAPIHandler):
     """Base of DASH API handlers: authenticated, authorized on the ``dash`` resource."""
 
     auth_resource = AUTH_RESOURCE
@@ -25,9 +65,24 @@ class DashAPIHandler(APIHandler):
     def initialize(self, cluster: ClusterSupervisor) -> None:
         self.cluster = cluster
 
-    def write_json(self, data: Any) -> None:
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(data))
+    async def prepare(self) -> None:  # type: ignore[override]
+        await super().prepare()
+        # Every DASH API call needs a user: say how to be one (tornado's 403 says nothing).
+        if not self.current_user and self.request.method != "OPTIONS":
+            raise web.HTTPError(403, AUTH_NEEDED)
+
+    def check_xsrf_cookie(self) -> None:
+        # Nobody logged in: prepare() refuses the request and says why, which helps more
+        # than a complaint about a missing XSRF field.
+        if hasattr(self, "_jupyter_current_user") and not self.current_user:
+            return None
+        return super().check_xsrf_cookie()
+
+    def get_login_url(self) -> str:
+        # Asked for the login page (allow_unauthenticated_access=False): an API says why instead.
+        if not self.current_user:
+            raise web.HTTPError(403, AUTH_NEEDED)
+        return super().get_login_url()
 
 
 class StatusHandler(DashAPIHandler):

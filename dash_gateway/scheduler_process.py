@@ -18,6 +18,7 @@ import tempfile
 import dask
 from distributed import Scheduler
 
+from dash_gateway.scheduler_plugin import DashSchedulerPlugin
 from dash_gateway.tls import security_for
 from dash_kernel.lifecycle import StopTrigger, arm_hard_exit
 
@@ -40,6 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tls-key", required=True, help="scheduler private key (PEM file)")
     parser.add_argument(
         "--address-file", help="write {'address': 'tls://host:port', 'pid': N} here once listening"
+    )
+    parser.add_argument(
+        "--policy-file",
+        help="the gateway's cluster policy (JSON) to enforce; without it only workers with "
+        "certificates for the machine 'local' may join",
     )
     parser.add_argument(
         "--parent-pid",
@@ -68,7 +74,9 @@ async def run(args: argparse.Namespace) -> int:
     # Dask's HTTP server has no authentication: serve only the health check, on the
     # scheduler's own interface and a free port (8787 would clash between gateways).
     dask.config.set({"distributed.scheduler.http.routes": ["distributed.http.health"]})
+    plugin = DashSchedulerPlugin(args.policy_file)
     scheduler = Scheduler(
+        plugins=[plugin],
         host=args.host,
         port=args.port,
         protocol="tls",
@@ -77,6 +85,7 @@ async def run(args: argparse.Namespace) -> int:
         dashboard_address=f"{args.host}:0" if ":" not in args.host else None,
         jupyter=False,
     )
+    plugin.install(scheduler)  # before it listens, so no worker registers unchecked
     await scheduler
     log.info("DASH scheduler listening at %s", scheduler.address)
     if args.address_file:

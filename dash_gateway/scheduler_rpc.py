@@ -44,21 +44,29 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
-async def scheduler_identity(
-    address: str, connection_args: dict[str, Any], timeout: float = 5
-) -> dict[str, Any]:
-    """The scheduler's ``identity`` (all workers), as plain data."""
+async def call_scheduler(
+    address: str, connection_args: dict[str, Any], op: str, timeout: float = 5, **kwargs: Any
+) -> Any:
+    """Call the scheduler's ``op`` handler; the reply is plain data or an error, never a pickle."""
     token = _REFUSE_PICKLES.set(True)
     try:
         async with rpc(
             address, connection_args=connection_args, deserialize=False, timeout=timeout
         ) as scheduler:
-            info = await scheduler.identity(n_workers=-1)
+            reply = await getattr(scheduler, op)(**kwargs)
     finally:
         _REFUSE_PICKLES.reset(token)
+    return _plain(reply)
+
+
+async def scheduler_identity(
+    address: str, connection_args: dict[str, Any], timeout: float = 5
+) -> dict[str, Any]:
+    """The scheduler's ``identity`` (all workers), as plain data."""
+    info = await call_scheduler(address, connection_args, "identity", timeout, n_workers=-1)
     if not isinstance(info, dict):
         raise RuntimeError(f"unexpected identity reply from the scheduler: {type(info).__name__}")
-    return _plain(info)
+    return info
 
 
 def workers_from_identity(info: dict[str, Any]) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from distributed.security import Security
 
@@ -38,6 +38,9 @@ CLOCK_SKEW = datetime.timedelta(minutes=5)
 _LOOPBACK_NAMES = ("localhost",)
 _LOOPBACK_IPS = ("127.0.0.1", "::1")
 _ORGANIZATION = "DASH"
+_EC_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+_MIN_RSA_BITS = 2048
+CertificatePublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 
 @dataclass(frozen=True)
@@ -166,10 +169,57 @@ class CertificateAuthority:
         127.0.0.1 and ::1 plus ``hosts`` (IP addresses or DNS names). Clients get a
         client-only certificate; schedulers and workers both serve and connect.
         """
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
-        lifetime = valid_for if valid_for is not None else DEFAULT_LIFETIMES[role]
+        _check_role(role)
         key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._certificate(role, name, key.public_key(), valid_for, hosts)
+        return Credentials(
+            role=role,
+            cert=cert.public_bytes(serialization.Encoding.PEM).decode(),
+            key=_key_pem(key),
+            ca=self.cert_pem,
+        )
+
+    def sign_csr(
+        self,
+        csr_pem: str | bytes,
+        role: str,
+        name: str,
+        valid_for: datetime.timedelta | None = None,
+        hosts: Iterable[str] = (),
+    ) -> tuple[str, int]:
+        """Certify the public key of a certificate signing request; return the PEM and its serial.
+
+        Only the CSR's key is used: the subject, SAN and usages are the ones :meth:`issue`
+        gives ``role`` and ``name``, whatever the CSR asks for. A CSR whose signature does
+        not verify (its maker does not hold the key), or with a weak or unknown kind of key,
+        raises ``ValueError``.
+        """
+        _check_role(role)
+        data = csr_pem.encode() if isinstance(csr_pem, str) else csr_pem
+        try:
+            csr = x509.load_pem_x509_csr(data)
+        except ValueError as exc:
+            raise ValueError(f"not a PEM certificate signing request ({exc})") from None
+        if not csr.is_signature_valid:
+            raise ValueError(
+                "the certificate signing request's signature does not verify: "
+                "it was not signed with the key it carries"
+            )
+        public_key = csr.public_key()
+        _check_public_key(public_key)
+        cert = self._certificate(role, name, public_key, valid_for, hosts)
+        return cert.public_bytes(serialization.Encoding.PEM).decode(), cert.serial_number
+
+    def _certificate(
+        self,
+        role: str,
+        name: str,
+        public_key: CertificatePublicKey,
+        valid_for: datetime.timedelta | None,
+        hosts: Iterable[str],
+    ) -> x509.Certificate:
+        """The one place leaf certificates are built and signed."""
+        lifetime = valid_for if valid_for is not None else DEFAULT_LIFETIMES[role]
         subject = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORGANIZATION),
@@ -181,12 +231,13 @@ class CertificateAuthority:
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
         if role != "client":
             usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+        is_rsa = isinstance(public_key, rsa.RSAPublicKey)
         now = _now()
-        cert = (
+        return (
             x509.CertificateBuilder()
             .subject_name(subject)
             .issuer_name(self._cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(min(now + lifetime, self._cert.not_valid_after_utc))
@@ -194,11 +245,12 @@ class CertificateAuthority:
             .add_extension(
                 x509.KeyUsage(
                     digital_signature=True,
-                    key_agreement=True,
+                    # EC keys agree on session keys (ECDH); RSA keys may encipher them.
+                    key_agreement=not is_rsa,
+                    key_encipherment=is_rsa,
                     key_cert_sign=False,
                     crl_sign=False,
                     content_commitment=False,
-                    key_encipherment=False,
                     data_encipherment=False,
                     encipher_only=False,
                     decipher_only=False,
@@ -207,21 +259,31 @@ class CertificateAuthority:
             )
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(x509.SubjectAlternativeName(_san(hosts)), critical=False)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
                 critical=False,
             )
             .sign(self._key, hashes.SHA256())
         )
-        return Credentials(
-            role=role,
-            cert=cert.public_bytes(serialization.Encoding.PEM).decode(),
-            key=_key_pem(key),
-            ca=self.cert_pem,
-        )
+
+
+def _check_role(role: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+
+
+def _check_public_key(key: object) -> None:
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in _EC_CURVES:
+            raise ValueError(
+                f"unsupported elliptic curve {key.curve.name}; use one of {', '.join(_EC_CURVES)}"
+            )
+    elif isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < _MIN_RSA_BITS:
+            raise ValueError(f"RSA key of {key.key_size} bits; at least {_MIN_RSA_BITS} are needed")
+    else:
+        raise ValueError(f"unsupported key type {type(key).__name__}; use an EC (P-256) or RSA key")
 
 
 def _san(hosts: Iterable[str]) -> list[x509.GeneralName]:

@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import psutil
@@ -22,7 +22,7 @@ from distributed.security import Security
 from .errors import GatewayError, NoWorkersError
 from .output import OutputRouter
 from .plugin import DashWorkerPlugin
-from .resources import ResourceSpec, check_satisfiable, worker_resources
+from .resources import ResourceSpec, check_satisfiable, describe_wait, worker_resources
 
 __all__ = ["Connection", "connect", "disconnect", "gateway_request"]
 
@@ -37,6 +37,9 @@ ENV_SCHEDULER, ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY = (
     "DASH_TLS_KEY",
 )
 _WORKER_INFO_TTL = 2.0
+# Work that has not started after this many seconds is checked for waiting in a queue.
+QUEUE_NOTICE_AFTER = 3.0
+QUEUE_PROBE_KEYS = 50
 
 
 def gateway_request(url: str, token: str | None, path: str, timeout: float = 30) -> Any:
@@ -141,12 +144,29 @@ class Connection:
                     f"{self.worker_wait:g}s; start workers (or the gateway's local workers)"
                 ) from None
             self.workers(fresh=True)
-        if spec:
-            try:
-                check_satisfiable(spec, self.workers())
-            except Exception:
-                # a worker that has just joined may be the one that fits
-                check_satisfiable(spec, self.workers(fresh=True))
+        try:
+            check_satisfiable(spec, self.workers())
+        except Exception:
+            # a worker that has just joined may be the one that fits
+            check_satisfiable(spec, self.workers(fresh=True))
+
+    def waiting_reason(self, spec: ResourceSpec, keys: Iterable[str]) -> str | None:
+        """Why the tasks ``keys``, which need ``spec``, are queued (every worker that fits
+        is busy or paused); None if one of them runs, a worker is free, or the cluster
+        cannot tell (no DASH scheduler)."""
+        keys = list(keys)[:QUEUE_PROBE_KEYS]
+        try:
+            rows = self.client.sync(self.client.scheduler.dash_workers)
+            states = self.client.run(_task_states, keys)
+        except Exception:
+            return None
+        names = {row["address"]: row["name"] for row in rows}
+        waiting_on: dict[str, int] = {}
+        for address, by_key in states.items():
+            if any(state in ("executing", "long-running") for state in by_key.values()):
+                return None
+            waiting_on[names.get(address, address)] = len(by_key)
+        return describe_wait(spec, rows, waiting_on)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -231,6 +251,12 @@ def _inside_worker_client() -> Client | None:
     except ValueError:
         return None
     return get_client()
+
+
+def _task_states(keys: list[str], dask_worker: Any = None) -> dict[str, str]:
+    """On a worker: the state of those of ``keys`` it holds (run by ``Client.run``)."""
+    tasks = dask_worker.state.tasks
+    return {key: tasks[key].state for key in keys if key in tasks}
 
 
 def connect(

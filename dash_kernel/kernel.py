@@ -79,7 +79,9 @@ class DashKernel(IPythonKernel):
             previous.close()
         conn = await self._off_loop(connect)
         self.remote = RemoteSession(conn, self.session_spec, asyncio.get_running_loop())
-        await self.remote.start()
+        await self.remote.start(
+            on_queued=lambda why: self._say(f"DASH: the session is {why}.\n", "stderr")
+        )
         self._remote_next_count = 1
         # referenced, so the running task is not garbage-collected
         self._pump = asyncio.create_task(self._pump_events(self.remote))

@@ -132,7 +132,7 @@ class DashMagics(Magics):
         except DashError as exc:
             raise exc.with_traceback(None) from None
         try:
-            wait_for(conn, [future], fail_fast=False)
+            wait_for(conn, [future], fail_fast=False, spec=spec)
         except KeyboardInterrupt:
             print("Interrupted: the remote cell was stopped.", file=sys.stderr)
             raise

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -13,7 +15,7 @@ from dask.sizeof import sizeof
 from distributed import Future
 from distributed.worker import thread_state
 
-from .cluster import Connection, connect
+from .cluster import QUEUE_NOTICE_AFTER, Connection, connect
 from .output import Destination
 from .resources import ResourceSpec
 from .tasks import RemoteCall
@@ -107,11 +109,16 @@ def wait_for(
     *,
     on_done: Callable[[int], None] | None = None,
     fail_fast: bool = True,
+    spec: ResourceSpec | None = None,
 ) -> None:
     """Wait until every future is finished. Ctrl-C cancels them all (the remote work
-    stops); with ``fail_fast`` the first remote error cancels the rest and is raised."""
+    stops); with ``fail_fast`` the first remote error cancels the rest and is raised.
+    If nothing finishes for a few seconds because every worker that fits ``spec`` is
+    busy, say so on stderr."""
     try:
         with _worker_thread_released():
+            if spec is not None:
+                _say_if_queued(conn, futures, spec)
             # batches(): everything finished since the last look, with one wake-up
             completed = distributed.as_completed(futures, loop=conn.client.loop)
             for batch in completed.batches():
@@ -127,6 +134,16 @@ def wait_for(
         raise
     finally:
         conn.router.forget(f.key for f in futures if f.done())
+
+
+def _say_if_queued(conn: Connection, futures: list[Future], spec: ResourceSpec) -> None:
+    first_done = threading.Event()
+    for future in futures[:100]:  # enough to see that work is moving
+        future.add_done_callback(lambda _: first_done.set())
+    if not first_done.wait(QUEUE_NOTICE_AFTER):
+        reason = conn.waiting_reason(spec, [f.key for f in futures if not f.done()])
+        if reason:
+            print(f"DASH: {reason}", file=sys.stderr, flush=True)
 
 
 def _spec_kwargs(gpu, cpu, memory, vram) -> ResourceSpec:
@@ -169,7 +186,7 @@ class RemoteFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         conn = connect()
         future = self.submit(*args, **kwargs)
-        wait_for(conn, [future])
+        wait_for(conn, [future], spec=self.spec)
         return future.result()
 
     def map(self, iterable: Iterable[Any], **options: Any) -> list[Any]:
@@ -257,7 +274,7 @@ def map(
         delay=0.5,
         unit="item",
     ) as bar:
-        wait_for(conn, futures, on_done=bar.update, fail_fast=not return_exceptions)
+        wait_for(conn, futures, on_done=bar.update, fail_fast=not return_exceptions, spec=spec)
     results: list[Any] = [None] * len(futures)
     good = [i for i, f in enumerate(futures) if f.status == "finished"]
     for i, value in zip(good, conn.client.gather([futures[i] for i in good]), strict=False):

@@ -11,7 +11,12 @@ resource   a worker declares                         a spec asks for
 ``GPU``    its GPUs (one per worker, by design)      ``gpu=1``
 ``VRAM``   its GPU memory in bytes                   ``vram="24GB"``
 ``gpu:T``  1 for each token T of its GPU model       ``gpu="A100"`` (with ``GPU=1``)
+``pool:cpu`` a large capacity, on CPU workers only  (added by the DASH scheduler)
 =========  ========================================  ===============================
+
+GPU workers take only GPU work: the DASH scheduler plugin adds ``pool:cpu=1`` to every
+task that asks for no GPU (:func:`placement_restrictions`), and only CPU workers declare
+``pool:cpu``. ``vram=`` alone shares a GPU: VRAM is consumed, ``GPU`` is not.
 
 A model name is matched by tokens, so ``gpu="A100"`` and ``gpu="RTX 4090"`` match
 "NVIDIA A100-SXM4-80GB" and "NVIDIA GeForce RTX 4090".
@@ -34,12 +39,18 @@ __all__ = [
     "ResourceSpecError",
     "ResourceUnavailable",
     "check_satisfiable",
+    "describe_wait",
     "gpu_model_tokens",
+    "placement_restrictions",
     "worker_resources",
 ]
 
 CPU, MEMORY, GPU, VRAM = "CPU", "MEMORY", "GPU", "VRAM"
 MODEL_PREFIX = "gpu:"
+CPU_POOL = "pool:cpu"
+# ``pool:cpu`` is a tag, not a budget: threads bound how much runs at once. A budget would
+# deadlock a task that waits on its own subtasks, as Dask keeps a seceded task's resources.
+POOL_CAPACITY = 1_000_000
 _VENDOR_WORDS = {"nvidia", "amd", "intel", "corporation"}
 SPEC_KEYS = ("gpu", "cpu", "memory", "vram")
 
@@ -211,7 +222,10 @@ def worker_resources(
     gpu_model: str | None = None,
     vram: int | None = None,
 ) -> dict[str, float]:
-    """The resources a worker declares: its threads, memory and (at most one) GPU."""
+    """The resources a worker declares: its threads, memory and (at most one) GPU.
+
+    A worker without a GPU is a CPU worker and declares the ``pool:cpu`` tag.
+    """
     out: dict[str, float] = {CPU: nthreads}
     if memory_limit:
         out[MEMORY] = int(memory_limit)
@@ -221,6 +235,22 @@ def worker_resources(
             out[VRAM] = int(vram)
         for token in gpu_model_tokens(gpu_model):
             out[MODEL_PREFIX + token] = 1
+    else:
+        out[CPU_POOL] = POOL_CAPACITY
+    return out
+
+
+def is_gpu_work(resources: Mapping[str, float] | None) -> bool:
+    """Does work restricted to ``resources`` ask for a GPU (count, model or VRAM)?"""
+    return any(k in (GPU, VRAM) or k.startswith(MODEL_PREFIX) for k in resources or ())
+
+
+def placement_restrictions(resources: Mapping[str, float] | None) -> dict[str, float]:
+    """The restrictions the DASH scheduler places work by: GPU work as asked, all other
+    work on a CPU worker (``pool:cpu``), so it never takes a GPU worker's slot."""
+    out = dict(resources or {})
+    if not is_gpu_work(out):
+        out[CPU_POOL] = out.get(CPU_POOL, 1)
     return out
 
 
@@ -244,6 +274,11 @@ def _shortfall(need: Mapping[str, float], have: Mapping[str, float]) -> list[str
     return [key for key, amount in need.items() if have.get(key, 0) < amount]
 
 
+def _deficit(need: Mapping[str, float], have: Mapping[str, float]) -> float:
+    """How far ``have`` falls short of ``need``, as a sum of fractions of what is asked."""
+    return sum(max(amount - have.get(key, 0), 0) / amount for key, amount in need.items())
+
+
 def check_satisfiable(
     spec: ResourceSpec, workers: Iterable[tuple[str, Mapping[str, float]]]
 ) -> None:
@@ -252,19 +287,18 @@ def check_satisfiable(
     ``workers`` yields ``(name, declared resources)``. The message names the closest worker
     (fewest unmet resources) and what it has, so the user knows what the cluster offers.
     """
-    need = spec.to_dask()
+    candidates = list(workers)
+    need = _need(spec, (have for _, have in candidates))
     if not need:
         return
-    candidates = list(workers)
     if not candidates:
         raise ResourceUnavailable(f"no workers are connected, so nothing can run {spec}")
     scored = sorted(
-        ((len(_shortfall(need, have)), name, have) for name, have in candidates),
-        key=lambda row: (row[0], row[1]),
+        (len(_shortfall(need, have)), _deficit(need, have), name, have) for name, have in candidates
     )
     if scored[0][0] == 0:
         return
-    _, name, have = scored[0]
+    _, _, name, have = scored[0]
     missing = "; ".join(_explain(key, need[key], have) for key in _shortfall(need, have))
     raise ResourceUnavailable(
         f"no worker can ever run work that needs {spec}. "
@@ -274,6 +308,8 @@ def check_satisfiable(
 
 
 def _explain(key: str, amount: float, have: Mapping[str, float]) -> str:
+    if key == CPU_POOL:
+        return "it is a GPU worker, and GPU workers take only work that asks for a GPU"
     if key.startswith(MODEL_PREFIX):
         return f"no GPU model matching {key[len(MODEL_PREFIX) :]!r}"
     if key in (MEMORY, VRAM):
@@ -281,3 +317,63 @@ def _explain(key: str, amount: float, have: Mapping[str, float]) -> str:
             f"{key} {format_bytes(int(amount))} asked, it has {format_bytes(int(have.get(key, 0)))}"
         )
     return f"{key} {amount:g} asked, it has {have.get(key, 0):g}"
+
+
+def _need(spec: ResourceSpec, declared: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    need = spec.to_dask()
+    if any(CPU_POOL in have or GPU in have for have in declared):
+        # A DASH cluster: work without a GPU goes to CPU workers only.
+        need = placement_restrictions(need)
+    return need
+
+
+def describe_wait(
+    spec: ResourceSpec,
+    workers: Iterable[Mapping[str, Any]],
+    waiting_on: Mapping[str, int] | None = None,
+) -> str | None:
+    """Why work needing ``spec`` is queued, or None if some worker that fits is free.
+
+    ``workers`` are rows of the scheduler's ``dash_workers``: ``name``, ``status``,
+    ``nthreads``, ``processing``, ``resources`` and ``used_resources``. ``waiting_on``
+    counts, by worker name, the waiting tasks of this work already assigned there (Dask
+    counts their resources as used, though they wait for them).
+    """
+    rows = list(workers)
+    need = _need(spec, (row.get("resources") or {} for row in rows))
+    fits = [row for row in rows if not _shortfall(need, row.get("resources") or {})]
+    if not fits:
+        return None
+    busy = []
+    for row in fits:
+        mine = (waiting_on or {}).get(row["name"], 0)
+        have = row.get("resources") or {}
+        used = {k: v - mine * need.get(k, 0) for k, v in (row.get("used_resources") or {}).items()}
+        short = [
+            key
+            for key in need
+            if key != CPU_POOL
+            and not key.startswith(MODEL_PREFIX)
+            and have.get(key, 0) - used.get(key, 0) < need[key]
+        ]
+        if row.get("status") != "running":
+            busy.append(f"{row['name']} is {row.get('status')}")
+        elif short:
+            parts = [_free(key, have, used) for key in short]
+            busy.append(f"{row['name']} has {', '.join(parts)}")
+        elif row.get("processing", 0) - mine >= row.get("nthreads", 1):
+            busy.append(f"{row['name']} is busy with {row['processing'] - mine} task(s)")
+        else:
+            return None
+    many = f"all {len(fits)} workers that can run it are" if len(fits) > 1 else "the one worker"
+    verb = "" if len(fits) > 1 else " that can run it is"
+    return f"queued: it needs {spec}, and {many}{verb} busy ({'; '.join(busy)})"
+
+
+def _free(key: str, have: Mapping[str, float], used: Mapping[str, float]) -> str:
+    free, total = max(have[key] - used.get(key, 0), 0), have[key]
+    if key in (MEMORY, VRAM):
+        if not free:
+            return f"no {key} free ({format_bytes(int(total))} in all)"
+        return f"{format_bytes(int(free))} of {format_bytes(int(total))} {key} free"
+    return f"no {key} free ({total:g} in all)" if not free else f"{free:g} of {total:g} {key} free"

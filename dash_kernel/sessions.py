@@ -27,7 +27,7 @@ from typing import Any
 from distributed import Future, get_worker
 from jupyter_client.jsonutil import json_default
 
-from .cluster import Connection
+from .cluster import QUEUE_NOTICE_AFTER, Connection
 from .errors import DashError
 from .resources import ResourceSpec, format_resources
 from .tasks import Tracked
@@ -116,8 +116,11 @@ class RemoteSession:
             self._closed.set()
         self.loop.call_soon_threadsafe(self.events.put_nowait, event[1])
 
-    async def start(self, timeout: float = START_TIMEOUT) -> dict[str, Any]:
-        """Submit the session task and wait for its kernel to be ready."""
+    async def start(
+        self, timeout: float = START_TIMEOUT, on_queued: Callable[[str], None] | None = None
+    ) -> dict[str, Any]:
+        """Submit the session task and wait for its kernel to be ready; if it is queued
+        behind other work for a few seconds, tell ``on_queued`` why."""
         self.conn.ensure_satisfiable(self.spec)
         self.conn.client.subscribe_topic(self.to_kernel, self._on_event)
         self.future = self.conn.client.submit(
@@ -132,9 +135,18 @@ class RemoteSession:
             pure=False,
         )
         deadline = time.monotonic() + timeout
+        notice_at = time.monotonic() + QUEUE_NOTICE_AFTER if on_queued else None
         while True:
-            event = await self.next_event(timeout=max(deadline - time.monotonic(), 0.1))
+            until = deadline if notice_at is None else min(deadline, notice_at)
+            event = await self.next_event(timeout=max(until - time.monotonic(), 0.1))
             if event is None:
+                if notice_at is not None and time.monotonic() >= notice_at:
+                    notice_at = None
+                    reason = await asyncio.get_running_loop().run_in_executor(
+                        None, self.conn.waiting_reason, self.spec, [self.future.key]
+                    )
+                    if reason and on_queued is not None:
+                        on_queued(reason)
                 if self.future.status == "error":
                     raise SessionLost(f"the session could not start: {self.future.exception()}")
                 if time.monotonic() > deadline:

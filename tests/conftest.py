@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -22,6 +23,7 @@ import pytest
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
+CLI_TIMEOUT = 120.0
 
 
 def free_port() -> int:
@@ -51,6 +53,13 @@ def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proces
     return alive(procs)
 
 
+def token_from(output: str) -> str:
+    """The token ``dash-gateway users add`` prints on a line of its own."""
+    found = re.findall(r"^\s+([A-Za-z0-9_-]{40,})\s*$", output, re.MULTILINE)
+    assert len(found) == 1, output
+    return found[0]
+
+
 @dataclass
 class Gateway:
     """A running ``dash-gateway`` subprocess and how to talk to it."""
@@ -62,24 +71,42 @@ class Gateway:
     process: subprocess.Popen[bytes]
     env: dict[str, str] = field(default_factory=dict)
 
-    def request(self, path: str, token: str | None = "") -> tuple[int, Any]:
-        """GET ``path`` (relative to the server URL); ``token=None`` sends no token.
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = "",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        """``method path`` (relative to the server URL) with a JSON ``body``, as the operator
+        (``token=""``), with another token, or with none (``token=None``).
 
         Returns ``(status code, parsed JSON or text)``.
         """
-        headers = {}
+        headers = {"Content-Type": "application/json", **(headers or {})}
         if token is not None:
             headers["Authorization"] = f"token {token or self.token}"
-        req = urllib.request.Request(self.url + path.lstrip("/"), headers=headers)
+        data = None if body is None else json.dumps(body).encode()
+        if data is None and method in ("POST", "PUT", "PATCH"):
+            data = b""
+        req = urllib.request.Request(
+            self.url + path.lstrip("/"), data=data, headers=headers, method=method
+        )
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                code, body = resp.status, resp.read().decode()
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                code, text = resp.status, resp.read().decode()
         except urllib.error.HTTPError as exc:
-            code, body = exc.code, exc.read().decode()
+            code, text = exc.code, exc.read().decode()
         try:
-            return code, json.loads(body)
+            return code, json.loads(text)
         except ValueError:
-            return code, body
+            return code, text
+
+    def request(self, path: str, token: str | None = "") -> tuple[int, Any]:
+        """``GET path``; see :meth:`call`."""
+        return self.call("GET", path, token=token)
 
     def status(self) -> dict[str, Any]:
         """``GET /dash/api/status`` with the right token."""
@@ -92,6 +119,57 @@ class Gateway:
         code, body = self.request("dash/api/cluster")
         assert code == 200, (code, body)
         return body
+
+    def invite(self, token: str | None = "", **body: Any) -> dict[str, Any]:
+        """A fresh invite (``POST /dash/api/invites``) made by the operator or ``token``'s user."""
+        code, reply = self.call("POST", "dash/api/invites", body, token=token)
+        assert code == 201, (code, reply)
+        return reply
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``dash-gateway ARGS`` against this gateway's data directory."""
+        return self.cli_many(args)[0]
+
+    def cli_many(self, *commands: tuple[str, ...]) -> list[subprocess.CompletedProcess[str]]:
+        """Run ``dash-gateway`` commands (``("users", "add", "bob")``, ...) against this
+        gateway's data directory, concurrently (each starts slowly)."""
+        env = dict(os.environ, JUPYTER_CONFIG_DIR=str(self.log_path.parent / "jupyter-config"))
+        procs = [
+            (
+                argv := [
+                    sys.executable,
+                    "-m",
+                    "dash_gateway",
+                    *args,
+                    f"--data-dir={self.data_dir}",
+                ],
+                subprocess.Popen(
+                    argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+                ),
+            )
+            for args in commands
+        ]
+        results = []
+        for argv, proc in procs:
+            out, err = proc.communicate(timeout=CLI_TIMEOUT)
+            results.append(subprocess.CompletedProcess(argv, proc.returncode, out, err))
+        return results
+
+    def add_users(self, *names: str) -> dict[str, str]:
+        """Create accounts with ``dash-gateway users add``; return their tokens."""
+        tokens = {}
+        for name, result in zip(
+            names, self.cli_many(*(("users", "add", n) for n in names)), strict=True
+        ):
+            assert result.returncode == 0, result.stderr
+            tokens[name] = token_from(result.stdout)
+        return tokens
+
+    def machines(self) -> dict[str, dict[str, Any]]:
+        """``GET /dash/api/workers`` by machine name."""
+        code, reply = self.request("dash/api/workers")
+        assert code == 200, (code, reply)
+        return {m["name"]: m for m in reply["workers"]}
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -149,11 +227,14 @@ def launch_gateway(
     worker_memory_limit: str = "1GB",
     data_dir: Path | None = None,
     extra: list[str] = (),
+    port: int | None = None,
+    token: str | None = None,
 ) -> Gateway:
-    """Start ``dash-gateway`` on a free loopback port with a random token; don't wait."""
+    """Start ``dash-gateway`` on a loopback port (a free one unless given) with a random
+    token (unless given); don't wait."""
     tmp.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    token = secrets.token_hex(16)
+    port = port or free_port()
+    token = token or secrets.token_hex(16)
     data_dir = data_dir or tmp / "data"
     log_path = tmp / "gateway.log"
     argv = [
@@ -202,6 +283,17 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         gw.stop()
 
 
+@pytest.fixture(scope="module")
+def bare_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway without local workers, one per test module: every worker is a joined one."""
+    gw = launch_gateway(tmp_path_factory.mktemp("bare-gateway"), local_workers=0)
+    try:
+        gw.wait_for_workers(0)
+        yield gw
+    finally:
+        gw.stop()
+
+
 @pytest.fixture
 def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     """Start extra gateways for a test (e.g. to stop them); whatever is left is stopped after."""
@@ -245,3 +337,81 @@ def dash_kernelspec(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("JUPYTER_PATH", str(root))
         yield root
+
+
+@dataclass
+class Contributor:
+    """A ``dash-worker`` agent process (``join`` or ``start``) with its own config dir."""
+
+    name: str
+    config_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        """Wait for the agent to exit by itself; return its status."""
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"dash-worker did not exit within {timeout:.0f}s:\n{self.log()[-6000:]}")
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM the agent and assert that it and its worker processes are gone."""
+        try:
+            procs = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            procs = []
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                pytest.fail(f"dash-worker ignored SIGTERM:\n{self.log()[-6000:]}")
+        left = wait_gone(procs, timeout=15)
+        for p in left:
+            p.kill()
+        assert not left, f"processes left behind: {[p.cmdline() for p in left]}"
+
+
+def run_dash_worker(tmp: Path, *args: str, name: str = "agent") -> Contributor:
+    """Start ``python -m dash_worker ARGS`` with ``--config-dir`` under ``tmp``; don't wait."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    config_dir = tmp / f"{name}-config"
+    log_path = tmp / f"{name}.log"
+    env = dict(os.environ, DASH_HEARTBEAT_INTERVAL="0.5")
+    for var in ("DASH_GATEWAY_URL", "DASH_TOKEN"):
+        env.pop(var, None)
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dash_worker", *args, "--config-dir", str(config_dir)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+    return Contributor(name=name, config_dir=config_dir, log_path=log_path, process=process)
+
+
+@pytest.fixture
+def contributors(tmp_path: Path) -> Iterator[Callable[..., Contributor]]:
+    """Start ``dash-worker`` agents for a test: ``contributors(gateway, "--name", "rig", ...)``
+    joins with a fresh invite; every agent still running afterwards is stopped and checked."""
+    started: list[Contributor] = []
+
+    def join(gw: Gateway, *args: str, invite: dict[str, Any] | None = None) -> Contributor:
+        invite = invite or gw.invite()
+        name = args[args.index("--name") + 1] if "--name" in args else f"agent{len(started)}"
+        agent = run_dash_worker(
+            tmp_path, "join", gw.url, "--token", invite["token"], *args, name=name
+        )
+        started.append(agent)
+        return agent
+
+    yield join
+    for agent in started:
+        agent.stop()

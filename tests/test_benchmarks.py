@@ -20,6 +20,8 @@ IDS = {
     "transfer",
     "storage",
     "startup",
+    "join",
+    "gpu_slots",
 }
 SELECTED = {"magic_roundtrip", "fanout"}
 KEYS = {"id", "what", "dash", "baseline", "baseline_name", "unit", "ratio", "n"}

@@ -19,6 +19,7 @@ from distributed import Client
 from distributed.security import Security
 
 from dash_kernel._version import __version__
+from dash_kernel.resources import POOL_CAPACITY
 
 
 def _security(creds: dict) -> Security:
@@ -66,7 +67,7 @@ def test_status_lists_the_local_workers(gateway: Gateway) -> None:
         assert worker["status"] == "running"
         assert worker["nthreads"] == 1
         assert worker["memory_limit"] == 10**9
-        assert worker["resources"] == {"CPU": 1, "MEMORY": 10**9}
+        assert worker["resources"] == {"CPU": 1, "MEMORY": 10**9, "pool:cpu": POOL_CAPACITY}
 
 
 def test_lab_is_served(gateway: Gateway) -> None:

@@ -7,7 +7,9 @@ from dash_kernel.resources import (
     ResourceSpecError,
     ResourceUnavailable,
     check_satisfiable,
+    describe_wait,
     gpu_model_tokens,
+    placement_restrictions,
     worker_resources,
 )
 
@@ -81,3 +83,52 @@ def test_impossible_spec_names_the_closest_worker_and_what_it_has():
 def test_no_workers_at_all_is_reported():
     with pytest.raises(ResourceUnavailable, match="no workers are connected"):
         check_satisfiable(ResourceSpec.parse(cpu=1), [])
+
+
+def test_work_without_a_gpu_is_placed_on_cpu_workers_only():
+    assert placement_restrictions(None) == {"pool:cpu": 1}
+    assert placement_restrictions({"CPU": 4}) == {"CPU": 4, "pool:cpu": 1}
+    for gpu_work in ({"GPU": 1}, {"VRAM": 20 * GiB}, {"GPU": 1, "gpu:a100": 1}):
+        assert placement_restrictions(gpu_work) == gpu_work
+    assert "pool:cpu" in worker_resources(2, 4 * GiB)
+    assert "pool:cpu" not in worker_resources(2, 4 * GiB, gpu_model="NVIDIA A100", vram=GiB)
+
+
+def test_a_cluster_of_gpu_workers_cannot_run_cpu_work():
+    gpu_only = [("m-gpu0", worker_resources(2, 8 * GiB, gpu_model="NVIDIA L4", vram=24 * GiB))]
+    check_satisfiable(ResourceSpec.parse(gpu=1), gpu_only)
+    with pytest.raises(ResourceUnavailable, match="GPU workers take only work that asks for a GPU"):
+        check_satisfiable(ResourceSpec.parse(), gpu_only)
+
+
+def _row(name, resources, used=None, status="running", processing=0, nthreads=2):
+    return {
+        "name": name,
+        "status": status,
+        "nthreads": nthreads,
+        "processing": processing,
+        "resources": resources,
+        "used_resources": used or {},
+    }
+
+
+def test_describe_wait_names_the_busy_workers_and_why():
+    l4 = worker_resources(2, 8 * GiB, gpu_model="NVIDIA L4", vram=24 * GiB)
+    cpu = worker_resources(4, 16 * GiB)
+    spec = ResourceSpec.parse(vram="16GiB")
+    free = [_row("m-gpu0", l4), _row("m-cpu", cpu)]
+    assert describe_wait(spec, free) is None
+    vram_full = [_row("m-gpu0", l4, used={"VRAM": 16 * GiB}, processing=1), _row("m-cpu", cpu)]
+    reason = describe_wait(spec, vram_full)
+    assert reason.startswith("queued: it needs vram=16.00 GiB")
+    assert "m-gpu0 has 8.00 GiB of 24.00 GiB VRAM free" in reason
+    paused = [_row("m-gpu0", l4, status="paused"), _row("n-gpu0", l4, processing=2)]
+    reason = describe_wait(ResourceSpec.parse(gpu=1), paused)
+    assert "all 2 workers that can run it are busy" in reason
+    assert "m-gpu0 is paused" in reason and "n-gpu0 is busy with 2 task(s)" in reason
+    # Dask counts a waiting task's resources on the worker it is assigned to: not ours.
+    held = [_row("m-gpu0", l4, used={"VRAM": 32 * GiB}, processing=2)]
+    reason = describe_wait(spec, held, waiting_on={"m-gpu0": 1})
+    assert "m-gpu0 has 8.00 GiB of 24.00 GiB VRAM free" in reason
+    # Nothing fits at all: that is check_satisfiable's error, not a queue.
+    assert describe_wait(ResourceSpec.parse(gpu="H100"), free) is None

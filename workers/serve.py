@@ -1,4 +1,4 @@
-"""``dash-worker serve``: N Dask nannies in one asyncio loop, with mutual TLS and DASH resources."""
+"""``dash-worker serve`` (the gateway's local workers), and the one way to build a DASH nanny."""
 
 from __future__ import annotations
 
@@ -24,38 +24,76 @@ NANNY_CLOSE_TIMEOUT = 5.0
 HARD_EXIT_AFTER = 10.0
 
 
-def _security(args: argparse.Namespace) -> Security:
+def worker_security(ca: str, cert: str, key: str | None = None) -> Security:
+    """Mutual TLS for DASH workers; ``key=None`` when ``cert`` holds the key as well."""
     return Security(
         require_encryption=True,
-        tls_ca_file=args.tls_ca,
-        tls_worker_cert=args.tls_cert,
-        tls_worker_key=args.tls_key,
+        tls_ca_file=ca,
+        tls_worker_cert=cert,
+        tls_worker_key=key,
+    )
+
+
+def build_nanny(
+    scheduler: str,
+    *,
+    name: str,
+    nthreads: int,
+    memory_limit: int | None,
+    resources: dict[str, float],
+    security: Security,
+    host: str | None = None,
+    local_directory: str | None = None,
+    env: dict[str, str] | None = None,
+    death_timeout: float | None = None,
+) -> Nanny:
+    """The one way to build a DASH worker: mutual TLS, the session host preloaded, no dashboard."""
+    # Dask's worker HTTP server has no authentication: keep only the health check. Nannies
+    # hand this configuration to their worker processes.
+    dask.config.set({"distributed.worker.http.routes": ["distributed.http.health"]})
+    return Nanny(
+        scheduler,
+        nthreads=nthreads,
+        memory_limit=memory_limit,
+        resources=resources,
+        name=name,
+        security=security,
+        host=host,
+        protocol="tls",
+        local_directory=local_directory,
+        dashboard=False,
+        preload=["dash_worker.session_host"],
+        env=env or {},
+        death_timeout=death_timeout,
     )
 
 
 def make_nannies(args: argparse.Namespace) -> list[Nanny]:
     """One nanny per worker, each declaring its threads and memory as DASH resources."""
     memory_limit = parse_memory_limit(args.memory_limit, args.nthreads, logger=log)
-    # Dask's worker HTTP server has no authentication: keep only the health check. Nannies
-    # hand this configuration to their worker processes.
-    dask.config.set({"distributed.worker.http.routes": ["distributed.http.health"]})
-    security = _security(args)
+    security = worker_security(args.tls_ca, args.tls_cert, args.tls_key)
     return [
-        Nanny(
+        build_nanny(
             args.scheduler,
+            name=f"{args.name_prefix}-{i}",
             nthreads=args.nthreads,
             memory_limit=memory_limit,
             resources=worker_resources(args.nthreads, memory_limit),
-            name=f"{args.name_prefix}-{i}",
             security=security,
             host=args.host,
-            protocol="tls",
             local_directory=args.local_directory,
-            dashboard=False,
-            preload=["dash_worker.session_host"],
         )
         for i in range(args.nworkers)
     ]
+
+
+async def close_nannies(nannies: list[Nanny], reason: str) -> None:
+    """Close nannies (and so their worker processes), never raising."""
+    with contextlib.suppress(Exception):
+        await asyncio.gather(
+            *(n.close(timeout=NANNY_CLOSE_TIMEOUT, reason=reason) for n in nannies),
+            return_exceptions=True,
+        )
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -90,11 +128,7 @@ async def serve(args: argparse.Namespace) -> int:
         running.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await running
-    with contextlib.suppress(Exception):
-        await asyncio.gather(
-            *(n.close(timeout=NANNY_CLOSE_TIMEOUT, reason="dash-worker-stop") for n in nannies),
-            return_exceptions=True,
-        )
+    await close_nannies(nannies, "dash-worker-stop")
     stop.close()
     stopping.cancel()
     return code

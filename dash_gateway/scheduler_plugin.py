@@ -1,0 +1,221 @@
+"""DASH policy inside the Dask scheduler: who may join, which machines take work, GPU slots.
+
+Loaded by :mod:`dash_gateway.scheduler_process`, never by the gateway itself. It enforces:
+
+- **Admission.** A worker registers only with a certificate of role ``worker`` (a client
+  certificate cannot), whose serial is not revoked, for a machine the policy admits, and
+  under a name of that machine (``<machine>`` or ``<machine>-...``).
+- **Machine states** from the policy file: workers of revoked or removed machines are
+  dropped; paused and draining ones are marked paused, so no new work is assigned to them
+  while what they are running finishes.
+- **GPU slots.** Work that asks for no GPU is restricted to CPU workers
+  (:func:`dash_kernel.resources.placement_restrictions`).
+
+It also answers ``dash_workers``: plain data about each worker for the gateway.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from time import time
+from typing import Any
+
+from distributed.core import Status
+from distributed.diagnostics.plugin import SchedulerPlugin
+from tornado.ioloop import PeriodicCallback
+
+from dash_gateway.policy import ClusterPolicy, normalize_serial, read_policy
+from dash_kernel.resources import placement_restrictions
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.5
+_UNSCHEDULED = ("released", "waiting", "no-worker", "queued")
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """Who is on the other end of a TLS connection, from its verified certificate."""
+
+    role: str
+    name: str
+    serial: str
+
+
+def peer_identity(comm: Any) -> PeerIdentity | None:
+    """The certificate subject of ``comm``'s peer, or None without a verified certificate."""
+    cert = (getattr(comm, "extra_info", None) or {}).get("peercert")
+    if not cert:
+        return None
+    subject = dict(rdn[0] for rdn in cert.get("subject", ()) if rdn)
+    return PeerIdentity(
+        role=str(subject.get("organizationalUnitName", "")),
+        name=str(subject.get("commonName", "")),
+        serial=normalize_serial(str(cert.get("serialNumber", "0"))),
+    )
+
+
+def admission_refusal(
+    peer: PeerIdentity | None, worker_name: str, policy: ClusterPolicy
+) -> str | None:
+    """Why a worker named ``worker_name`` may not register, or None if it may."""
+    if peer is None:
+        return "no verified client certificate"
+    if peer.role != "worker":
+        return f"a {peer.role or 'role-less'} certificate cannot register a worker"
+    if peer.serial in policy.revoked_serials:
+        return f"certificate {peer.serial} of machine {peer.name!r} was revoked"
+    if not policy.admits(peer.name):
+        state = policy.machines.get(peer.name, "not registered")
+        return f"machine {peer.name!r} is {state} and may not join"
+    if worker_name != peer.name and not worker_name.startswith(peer.name + "-"):
+        return f"machine {peer.name!r} may only register workers named {peer.name}-..."
+    return None
+
+
+class DashSchedulerPlugin(SchedulerPlugin):
+    """Admission, machine states and GPU-slot placement for the DASH cluster."""
+
+    name = "dash-policy"
+
+    def __init__(
+        self, policy_file: str | os.PathLike[str] | None, poll_interval: float = POLL_INTERVAL
+    ):
+        self.policy_file = os.fspath(policy_file) if policy_file else None
+        self.poll_interval = poll_interval
+        self.policy = ClusterPolicy()
+        self._policy_mtime: float | None = None
+        # Worker name -> the identity its certificate proved at registration.
+        self.identities: dict[str, PeerIdentity] = {}
+        self._names: dict[str, str] = {}  # address -> worker name
+        self._held: set[str] = set()
+        self._callback: PeriodicCallback | None = None
+
+    def install(self, scheduler: Any) -> None:
+        """Take over worker registration; call before the scheduler listens."""
+        if getattr(self, "scheduler", None) is scheduler:
+            return
+        self.scheduler = scheduler
+        self._add_worker = scheduler.handlers["register-worker"]
+        scheduler.handlers["register-worker"] = self._register_worker
+        scheduler.handlers["dash_workers"] = self.dash_workers
+
+    async def start(self, scheduler: Any) -> None:
+        self.install(scheduler)
+        self._reload()
+        self._callback = PeriodicCallback(self.enforce, self.poll_interval * 1000)
+        self._callback.start()
+
+    async def close(self) -> None:
+        if self._callback is not None:
+            self._callback.stop()
+
+    # ----- admission -------------------------------------------------------------------
+
+    async def _register_worker(self, comm: Any, **msg: Any) -> Any:
+        self._reload()
+        peer = peer_identity(comm)
+        name = str(msg.get("name", ""))
+        refusal = admission_refusal(peer, name, self.policy)
+        if refusal:
+            log.warning("Refused worker %r from %s: %s", name, comm.peer_address, refusal)
+            await comm.write({"status": "error", "message": f"DASH: {refusal}", "time": time()})
+            return None
+        assert peer is not None
+        self.identities[name] = peer
+        return await self._add_worker(comm, **msg)
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        self._names[worker] = str(scheduler.workers[worker].name)
+
+    def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+        name = self._names.pop(worker, None)
+        if name is not None:
+            self.identities.pop(name, None)
+            self._held.discard(name)
+
+    # ----- machine states --------------------------------------------------------------
+
+    def _reload(self) -> None:
+        if self.policy_file is None:
+            return
+        try:
+            mtime = os.stat(self.policy_file).st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        if mtime == self._policy_mtime:
+            return
+        try:
+            self.policy = read_policy(self.policy_file)
+        except (OSError, ValueError) as exc:
+            # Keep enforcing the last good policy rather than admitting everyone.
+            log.error("Cannot read the cluster policy %s: %r", self.policy_file, exc)
+            return
+        self._policy_mtime = mtime
+
+    async def enforce(self) -> None:
+        """Apply the current policy to the connected workers."""
+        self._reload()
+        for ws in list(self.scheduler.workers.values()):
+            peer = self.identities.get(ws.name)
+            if peer is None:
+                continue
+            refusal = admission_refusal(peer, str(ws.name), self.policy)
+            if refusal:
+                log.warning("Removing worker %s: %s", ws.name, refusal)
+                await self.scheduler.remove_worker(
+                    ws.address, stimulus_id=f"dash-policy-{time()}", close=True
+                )
+            elif not self.policy.takes_new_work(peer.name):
+                self._held.add(ws.name)
+                if ws.status == Status.running:
+                    self.scheduler.handle_worker_status_change(
+                        Status.paused, ws, stimulus_id=f"dash-hold-{time()}"
+                    )
+            elif ws.name in self._held:
+                self._held.discard(ws.name)
+                if ws.status == Status.paused:
+                    self.scheduler.handle_worker_status_change(
+                        Status.running, ws, stimulus_id=f"dash-release-{time()}"
+                    )
+
+    # ----- placement -------------------------------------------------------------------
+
+    def update_graph(self, scheduler: Any, *, tasks: Iterable[Any] = (), **kwargs: Any) -> None:
+        # Called before the new tasks are transitioned, so the restriction decides placement.
+        for key in tasks:
+            ts = scheduler.tasks.get(key)
+            if ts is None or ts.run_spec is None or ts.state not in _UNSCHEDULED:
+                continue
+            restrictions = placement_restrictions(ts.resource_restrictions)
+            if restrictions != (ts.resource_restrictions or {}):
+                ts.resource_restrictions = restrictions
+
+    # ----- queries ---------------------------------------------------------------------
+
+    def dash_workers(self) -> list[dict[str, Any]]:
+        """Plain data about every worker (no pickles), for the gateway."""
+        rows = []
+        for ws in self.scheduler.workers.values():
+            peer = self.identities.get(ws.name)
+            rows.append(
+                {
+                    "name": str(ws.name),
+                    "address": ws.address,
+                    "machine": peer.name if peer else None,
+                    "status": ws.status.name,
+                    "processing": len(ws.processing),
+                    "resources": dict(ws.resources),
+                    "used_resources": dict(ws.used_resources),
+                    "nthreads": ws.nthreads,
+                    "memory_limit": ws.memory_limit,
+                    "metrics": {
+                        "cpu": ws.metrics.get("cpu"),
+                        "memory": ws.metrics.get("memory"),
+                    },
+                }
+            )
+        return sorted(rows, key=lambda row: row["name"])
