@@ -6,14 +6,24 @@
 >>> dk.map(render, frames)               # doctest: +SKIP
 """
 
+from typing import Any
+
 from ._version import __version__
 from .cluster import Connection, connect, disconnect
 from .errors import DashError, GatewayError, NoWorkersError
-from .magics import load_ipython_extension
 from .remote import RemoteFunction, map, remote
 from .resources import ResourceSpec, ResourceSpecError, ResourceUnavailable
 from .serialize import SerializationError
 from .status import cluster_status
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext dash_kernel``: the ``%%dash`` and ``%dash`` magics."""
+    # Imported here: IPython is heavy, and workers import this package without a shell.
+    from .magics import load_ipython_extension as load
+
+    load(ipython)
+
 
 __all__ = [
     "Connection",
