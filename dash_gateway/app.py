@@ -30,6 +30,7 @@ from dash_gateway.machines import (
     WorkersHandler,
 )
 from dash_gateway.registry import MAX_INVITE_LIFETIME, Registry
+from dash_gateway.storage import StorageService, storage_handlers
 from dash_kernel._version import __version__
 
 _WILDCARD_HOSTS = ("", "0.0.0.0", "*", "localhost")
@@ -90,6 +91,7 @@ class DashGateway(ExtensionApp):
         "worker-memory-limit": "DashGateway.worker_memory_limit",
         "approve-workers": "DashGateway.approve_workers",
         "public-url": "DashGateway.public_url",
+        "storage-url": "DashGateway.storage_url",
     }
 
     local_workers = Int(
@@ -167,6 +169,28 @@ class DashGateway(ExtensionApp):
             raise ValueError(f"public_url must start with http:// or https://, not {url!r}")
         return url if not url or url.endswith("/") else url + "/"
 
+    storage_url = Unicode(
+        "",
+        help="Where DASH keeps stored objects (dk.save, datasets): a directory (path or "
+        "file:// URL) or an S3 prefix, s3://bucket/prefix, reached with boto3's standard "
+        "credentials and endpoint settings (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, profiles). "
+        "Default: the storage/ directory in data_dir. Users reach only their own objects, "
+        "through the gateway or short-lived presigned URLs; S3 credentials stay here.",
+    ).tag(config=True)
+
+    @validate("storage_url")
+    def _validate_storage_url(self, proposal: dict[str, Any]) -> str:
+        url = proposal["value"].strip()
+        scheme = url.partition("://")[0] if "://" in url else ""
+        if scheme not in ("", "file", "s3"):
+            raise ValueError(
+                f"storage_url must be a directory, a file:// URL or s3://bucket/prefix, "
+                f"not a {scheme}:// URL"
+            )
+        if scheme == "s3" and not url[len("s3://") :].split("/")[0]:
+            raise ValueError("storage_url s3://bucket/prefix needs a bucket")
+        return url
+
     worker_heartbeat_interval = Float(
         2.0, help="Seconds between the heartbeats of a contributed machine's agent."
     ).tag(config=True)
@@ -233,6 +257,12 @@ class DashGateway(ExtensionApp):
         self.registry = Registry(self.data_dir)
         # The scheduler enforces the policy file: make it match the registry from the start.
         self.registry.write_policy()
+        self.storage = StorageService(
+            self.storage_url,
+            self.data_dir,
+            registry=self.registry,
+            public_url=self.public_url,
+        )
         provider = self.serverapp.identity_provider if self.serverapp else None
         if isinstance(provider, DashIdentityProvider):
             provider.registry = self.registry
@@ -243,7 +273,7 @@ class DashGateway(ExtensionApp):
         name = r"(?P<name>[^/]+)"
         self.handlers.extend(
             [
-                (r"/dash/api/status", StatusHandler, cluster),
+                (r"/dash/api/status", StatusHandler, {**cluster, "storage": self.storage}),
                 (r"/dash/api/cluster", ClusterHandler, cluster),
                 (r"/dash/api/invites", InvitesHandler, machines),
                 (r"/dash/api/workers", WorkersHandler, machines),
@@ -259,6 +289,8 @@ class DashGateway(ExtensionApp):
                 (r"/dash/api/agent/heartbeat", AgentHeartbeatHandler, machines),
                 (r"/dash/api/agent/certificate", AgentCertificateHandler, machines),
                 (r"/dash/api/agent/drain", AgentDrainHandler, machines),
+                # Jupyter login or a storage token (tasks and workers acting for a user).
+                *storage_handlers(self.storage),
             ]
         )
 
@@ -293,10 +325,11 @@ class DashGateway(ExtensionApp):
         # `dash-gateway invite` (run separately) puts this URL in the join command.
         self.registry.set_meta("gateway_url", self.public_url or gateway_url(serverapp))
         self.log.info(
-            "DASH %s: gateway %s, data in %s",
+            "DASH %s: gateway %s, data in %s, storage %s",
             __version__,
             os.environ["DASH_GATEWAY_URL"],
             self.data_dir,
+            self.storage.description["location"] if hasattr(self, "storage") else "(none)",
         )
         self.cluster.start()
 
@@ -310,6 +343,9 @@ class DashGateway(ExtensionApp):
         cluster = getattr(self, "cluster", None)
         if cluster is not None:
             await cluster.stop()
+        storage = getattr(self, "storage", None)
+        if storage is not None:
+            storage.close()
 
 
 main = launch_new_instance = DashGateway.launch_instance

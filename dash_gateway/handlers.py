@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
@@ -11,6 +11,9 @@ from tornado import web
 
 from dash_gateway.cluster import ClusterSupervisor
 from dash_kernel._version import __version__
+
+if TYPE_CHECKING:
+    from dash_gateway.storage import StorageService
 
 # How long /dash/api/cluster waits for a scheduler that is still starting.
 SCHEDULER_WAIT = 30.0
@@ -86,7 +89,13 @@ class DashAPIHandler(JSONAPIHandler):
 
 
 class StatusHandler(DashAPIHandler):
-    """``GET /dash/api/status``: version, scheduler address, registered workers."""
+    """``GET /dash/api/status``: version, scheduler address, registered workers, storage."""
+
+    def initialize(  # type: ignore[override]
+        self, cluster: ClusterSupervisor, storage: StorageService | None = None
+    ) -> None:
+        super().initialize(cluster)
+        self.storage = storage
 
     @web.authenticated
     @authorized
@@ -104,6 +113,8 @@ class StatusHandler(DashAPIHandler):
             "workers": workers,
             "state": self.cluster.state,
         }
+        if self.storage is not None:
+            reply["storage"] = self.storage.description
         if error:
             reply["error"] = error
         self.write_json(reply)

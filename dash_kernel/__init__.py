@@ -4,6 +4,7 @@
 >>> @dk.remote(gpu=1)
 ... def train(epochs): ...
 >>> dk.map(render, frames)               # doctest: +SKIP
+>>> dk.save("frames", frames); dk.load("frames")   # doctest: +SKIP
 """
 
 from typing import Any
@@ -15,6 +16,8 @@ from .remote import RemoteFunction, map, remote
 from .resources import ResourceSpec, ResourceSpecError, ResourceUnavailable
 from .serialize import SerializationError
 from .status import cluster_status
+from .storage.api import datasets, load, ls, rm, save, versions
+from .storage.client import CorruptChunk, SaveRecord
 
 
 def load_ipython_extension(ipython: Any) -> None:
@@ -27,6 +30,7 @@ def load_ipython_extension(ipython: Any) -> None:
 
 __all__ = [
     "Connection",
+    "CorruptChunk",
     "DashError",
     "GatewayError",
     "NoWorkersError",
@@ -34,12 +38,19 @@ __all__ = [
     "ResourceSpec",
     "ResourceSpecError",
     "ResourceUnavailable",
+    "SaveRecord",
     "SerializationError",
     "__version__",
     "cluster_status",
     "connect",
+    "datasets",
     "disconnect",
+    "load",
     "load_ipython_extension",
+    "ls",
     "map",
     "remote",
+    "rm",
+    "save",
+    "versions",
 ]

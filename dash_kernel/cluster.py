@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -36,16 +37,34 @@ ENV_SCHEDULER, ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY = (
     "DASH_TLS_CERT",
     "DASH_TLS_KEY",
 )
+# Handed to tasks and sessions (as in dash_kernel.storage.api).
+ENV_STORAGE_URL, ENV_STORAGE_TOKEN = "DASH_STORAGE_URL", "DASH_STORAGE_TOKEN"
+# A storage token is renewed when it has less than this many seconds left.
+STORAGE_TOKEN_MARGIN = 3600.0
 _WORKER_INFO_TTL = 2.0
 # Work that has not started after this many seconds is checked for waiting in a queue.
 QUEUE_NOTICE_AFTER = 3.0
 QUEUE_PROBE_KEYS = 50
 
 
-def gateway_request(url: str, token: str | None, path: str, timeout: float = 30) -> Any:
-    """GET a gateway API path and return its JSON, with errors that say what went wrong."""
+def gateway_request(
+    url: str,
+    token: str | None,
+    path: str,
+    timeout: float = 30,
+    *,
+    method: str = "GET",
+    body: Any = None,
+) -> Any:
+    """Call a gateway API path and return its JSON, with errors that say what went wrong."""
     full = url.rstrip("/") + "/" + path.lstrip("/")
-    request = urllib.request.Request(full, headers={"Accept": "application/json"})
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        full,
+        data=data,
+        method=method,
+        headers={"Accept": "application/json", "Content-Type": "application/json"},
+    )
     if token:
         request.add_header("Authorization", f"token {token}")
     try:
@@ -79,10 +98,13 @@ class Connection:
         security: Security | None = None,
         cluster: LocalCluster | None = None,
         gateway_url: str | None = None,
+        token: str | None = None,
         worker_wait: float = 30.0,
         owns_client: bool = True,
     ):
         self.client = client
+        self._token = token
+        self._storage: tuple[str, str, float] | None = None
         self.security = security
         self.owns_client = owns_client
         self.cluster = cluster
@@ -109,15 +131,43 @@ class Connection:
 
     def client_environment(self) -> dict[str, str]:
         """Environment variables with which another process (a remote session's kernel)
-        joins this cluster as the same kind of client: the scheduler and TLS credentials."""
-        if self.security is None:
-            return {}
-        return {
-            ENV_SCHEDULER: self.scheduler_address,
-            ENV_TLS_CA: self.security.tls_ca_file,
-            ENV_TLS_CERT: self.security.tls_client_cert,
-            ENV_TLS_KEY: self.security.tls_client_key,
-        }
+        joins this cluster as the same kind of client: the scheduler and TLS credentials,
+        and access to this user's storage."""
+        env: dict[str, str] = {}
+        if self.security is not None:
+            env.update(
+                {
+                    ENV_SCHEDULER: self.scheduler_address,
+                    ENV_TLS_CA: self.security.tls_ca_file,
+                    ENV_TLS_CERT: self.security.tls_client_cert,
+                    ENV_TLS_KEY: self.security.tls_client_key,
+                }
+            )
+        access = self.storage_access()
+        if access is not None:
+            env[ENV_STORAGE_URL], env[ENV_STORAGE_TOKEN] = access
+        return env
+
+    def storage_access(self) -> tuple[str, str] | None:
+        """``(gateway URL, storage token)`` with which tasks and sessions reach this user's
+        stored objects (and only those); None without a gateway, where workers share this
+        machine's disk."""
+        if self.gateway_url:
+            if self._storage is None or self._storage[2] < time.time() + STORAGE_TOKEN_MARGIN:
+                reply = gateway_request(
+                    self.gateway_url, self._token, "dash/api/storage/token", method="POST", body={}
+                )
+                expires = datetime.datetime.fromisoformat(reply["expires"].replace("Z", "+00:00"))
+                self._storage = (reply["url"], reply["token"], expires.timestamp())
+            return self._storage[0], self._storage[1]
+        from .storage.api import current_access
+
+        # Inside a task, its caller's access; in a remote session, the session's.
+        handed_down = current_access()
+        if handed_down is not None:
+            return handed_down
+        url, token = os.environ.get(ENV_STORAGE_URL), os.environ.get(ENV_STORAGE_TOKEN)
+        return (url, token) if url and token else None
 
     def workers(self, *, fresh: bool = False) -> list[tuple[str, dict[str, float]]]:
         """``(name, declared resources)`` of each connected worker (cached for 2 s)."""
@@ -198,7 +248,9 @@ def _connect_gateway(url: str, token: str | None, timeout: float, worker_wait: f
     info = gateway_request(url, token, "dash/api/cluster", timeout=timeout)
     security = _security_from_gateway(info["tls"])
     client = Client(info["scheduler"], security=security, timeout=timeout, set_as_default=False)
-    return Connection(client, security=security, gateway_url=url, worker_wait=worker_wait)
+    return Connection(
+        client, security=security, gateway_url=url, token=token, worker_wait=worker_wait
+    )
 
 
 def _connect_scheduler(timeout: float, worker_wait: float) -> Connection:

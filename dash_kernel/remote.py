@@ -47,7 +47,7 @@ def submit_tasks(
     prefix = f"{name}-{uuid.uuid4().hex[:12]}"
     keys = [f"{prefix}-{i}" for i in range(count)]
     conn.router.register(keys, Destination.capture())
-    call = RemoteCall(function, conn.topic, display=display)
+    call = RemoteCall(function, conn.topic, display=display, storage=conn.storage_access())
     options = {
         "resources": spec.to_dask() or None,
         "priority": priority,

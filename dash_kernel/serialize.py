@@ -19,8 +19,10 @@ __all__ = [
     "SerializationError",
     "dumps",
     "dumps_names",
+    "dumps_oob",
     "loads",
     "loads_names",
+    "loads_oob",
 ]
 
 
@@ -92,6 +94,33 @@ def dumps(obj: Any) -> bytes:
 def loads(data: bytes) -> Any:
     """Unpickle what :func:`dumps` produced."""
     return pickle.loads(data)
+
+
+def dumps_oob(obj: Any) -> tuple[bytes, list[memoryview]]:
+    """Pickle ``obj`` (protocol 5) with its large buffers out of band.
+
+    Returns the pickle and the buffers as flat byte views of the object's own memory (a
+    numpy array's data, for instance), so that storing them copies nothing; they are valid
+    while ``obj`` is alive and unchanged. Buffers that are not contiguous stay in the pickle.
+    """
+    buffers: list[memoryview] = []
+
+    def take(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            buffers.append(buffer.raw())
+        except BufferError:
+            return True  # not contiguous: pickled in band
+        return False
+
+    with _user_code_by_value():
+        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=take)
+    return data, buffers
+
+
+def loads_oob(data: bytes | memoryview, buffers: Iterable[Any]) -> Any:
+    """Unpickle what :func:`dumps_oob` produced; ``buffers`` (bytes-like, in order) back
+    the objects directly: a writable buffer such as a ``bytearray`` gives a writable array."""
+    return pickle.loads(data, buffers=list(buffers))
 
 
 def _describe_failure(value: Any, exc: BaseException) -> str:

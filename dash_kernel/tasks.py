@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
 import ctypes
 import linecache
 import threading
@@ -58,14 +59,23 @@ def cancel_running(key: str) -> bool:
 class RemoteCall:
     """A user's function wrapped so its output streams to ``topic`` while it runs."""
 
-    def __init__(self, fn: Callable[..., Any], topic: str, *, display: bool = False):
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        topic: str,
+        *,
+        display: bool = False,
+        storage: tuple[str, str] | None = None,
+    ):
         self.fn = fn
         self.topic = topic
         self.display = display
+        # (gateway URL, storage token): dk.save and dk.load in the task use the caller's storage.
+        self.storage = storage
         self.__name__ = getattr(fn, "__name__", "remote")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with Tracked(), task_output(self.topic, display=self.display):
+        with Tracked(), task_output(self.topic, display=self.display), _storage(self.storage):
             return self.fn(*args, **kwargs)
 
     def with_keywords(self, kwargs: dict[str, Any], *args: Any) -> Any:
@@ -76,11 +86,21 @@ class RemoteCall:
     def __reduce__(self) -> tuple[Any, ...]:
         # Dask pickles with plain pickle first, which would send a function from the
         # user's own module by reference; ours honours ship_local_modules().
-        return (_restore_call, (dumps(self.fn), self.topic, self.display))
+        return (_restore_call, (dumps(self.fn), self.topic, self.display, self.storage))
 
 
-def _restore_call(fn: bytes, topic: str, display: bool) -> RemoteCall:
-    return RemoteCall(loads(fn), topic, display=display)
+def _restore_call(
+    fn: bytes, topic: str, display: bool, storage: tuple[str, str] | None = None
+) -> RemoteCall:
+    return RemoteCall(loads(fn), topic, display=display, storage=storage)
+
+
+def _storage(access: tuple[str, str] | None) -> contextlib.AbstractContextManager[None]:
+    if access is None:
+        return contextlib.nullcontext()
+    from .storage.api import use_storage  # only tasks that carry storage access need it
+
+    return use_storage(*access)
 
 
 def _split_last_expression(tree: ast.Module) -> tuple[ast.Module, ast.Expression | None]:

@@ -1,0 +1,390 @@
+"""How a storage client reaches one user's namespace: the Transport interface, and DirectTransport on a backend."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from .backends import AlreadyExists, Backend, Data, NotFound, StorageError
+
+__all__ = [
+    "DirectTransport",
+    "Transport",
+    "bounded_map",
+    "check_manifest",
+    "check_name",
+    "check_user",
+    "chunk_key",
+    "manifest_key",
+    "summary",
+]
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+NAME_MAX = 200
+USER_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+SHA_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+# A manifest's file name; a name segment like this would collide with one on a local disk.
+_VERSION_FILE = re.compile(r"^(\d{10})\.json$")
+FORMATS = {"pickle-oob-1": ("pickle", "buffer"), "files-1": ("file",)}
+# Exclusive-create retries when concurrent saves of one name race for a version number.
+_VERSION_ATTEMPTS = 20
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def default_threads() -> int:
+    return max(1, int(os.environ.get("DASH_STORAGE_THREADS", "16")))
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a valid object name; ValueError naming the rule otherwise."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or len(name) > NAME_MAX:
+        raise ValueError(
+            f"invalid object name {name!r}: use letters, digits, '.', '_' and '-', with '/' "
+            f"between parts that each start with a letter or digit, at most {NAME_MAX} characters"
+        )
+    if any(_VERSION_FILE.match(part) for part in name.split("/")):
+        raise ValueError(f"invalid object name {name!r}: a part may not look like 0000000001.json")
+    return name
+
+
+def check_user(user: str) -> str:
+    if not isinstance(user, str) or not USER_PATTERN.match(user):
+        raise ValueError(f"invalid storage user {user!r}")
+    return user
+
+
+def check_sha(sha: str) -> str:
+    if not isinstance(sha, str) or not SHA_PATTERN.match(sha):
+        raise ValueError(f"invalid chunk hash {sha!r}: expected 64 lowercase hex digits")
+    return sha
+
+
+def chunk_key(user: str, sha: str) -> str:
+    return f"users/{user}/chunks/{check_sha(sha)}"
+
+
+def objects_prefix(user: str) -> str:
+    return f"users/{user}/objects/"
+
+
+def manifest_key(user: str, name: str, version: int) -> str:
+    return f"{objects_prefix(user)}{check_name(name)}/{version:010d}.json"
+
+
+def summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest without its parts: what listings show."""
+    return {k: v for k, v in manifest.items() if k != "parts"}
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def check_manifest(manifest: Any) -> dict[str, Any]:
+    """``manifest`` if its shape is valid (as sent to ``put_manifest``); ValueError otherwise.
+
+    Used on manifests that come from clients, so it checks types, not only keys.
+    """
+    if not isinstance(manifest, dict):
+        raise ValueError("a manifest is a JSON object")
+    check_name(manifest.get("name"))
+    fmt = manifest.get("format")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown manifest format {fmt!r}; known: {', '.join(FORMATS)}")
+    size, chunk_size = manifest.get("size"), manifest.get("chunk_size")
+    if not isinstance(size, int) or size < 0:
+        raise ValueError("manifest size must be a non-negative integer")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError("manifest chunk_size must be a positive integer")
+    if not isinstance(manifest.get("metadata", {}), dict):
+        raise ValueError("manifest metadata must be a JSON object")
+    if not isinstance(manifest.get("type", ""), str):
+        raise ValueError("manifest type must be a string")
+    parts = manifest.get("parts")
+    if not isinstance(parts, list):
+        raise ValueError("manifest parts must be a list")
+    total = 0
+    for i, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("role") not in FORMATS[fmt]:
+            raise ValueError(f"manifest part {i} must have a role among {FORMATS[fmt]}")
+        psize, chunks = part.get("size"), part.get("chunks")
+        if not isinstance(psize, int) or psize < 0 or not isinstance(chunks, list):
+            raise ValueError(f"manifest part {i} needs an integer size and a list of chunks")
+        if len(chunks) != -(-psize // chunk_size):
+            raise ValueError(
+                f"manifest part {i} has {len(chunks)} chunks for {psize} bytes "
+                f"in chunks of {chunk_size}"
+            )
+        for sha in chunks:
+            check_sha(sha)
+        if part["role"] == "file":
+            path = part.get("path")
+            if not isinstance(path, str) or not path:
+                raise ValueError(f"manifest part {i} (a file) needs a relative path")
+            segments = path.split("/")
+            if path.startswith("/") or any(s in ("", ".", "..") for s in segments):
+                raise ValueError(f"manifest part {i} has an unsafe path {path!r}")
+        total += psize
+    if fmt == "pickle-oob-1" and (not parts or parts[0]["role"] != "pickle"):
+        raise ValueError("a pickle-oob-1 manifest starts with its pickle part")
+    if total != size:
+        raise ValueError(f"manifest size {size} is not the sum of its parts' sizes ({total})")
+    return manifest
+
+
+def manifest_chunks(manifest: dict[str, Any]) -> list[str]:
+    """Every distinct chunk hash a manifest refers to, in first-use order."""
+    return list(dict.fromkeys(sha for part in manifest["parts"] for sha in part["chunks"]))
+
+
+def bounded_map(
+    executor: ThreadPoolExecutor,
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    limit: int,
+) -> Iterator[R]:
+    """``fn`` over ``items`` on ``executor`` with at most ``limit`` in flight, yielding
+    results as they complete. Items are consumed lazily, so a generator of large buffers
+    holds only ``limit`` of them at a time. The first failure cancels the rest and raises."""
+    pending: set[Future[R]] = set()
+    iterator = iter(items)
+    try:
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < limit:
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    exhausted = True
+                    break
+                pending.add(executor.submit(fn, item))
+            if not pending:
+                return
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """One user's namespace in storage. Chunk hashes are sha256 hex; callers verify
+    what ``get_chunks`` returns, since only they know which object asked."""
+
+    user: str
+
+    def missing_chunks(self, hashes: Iterable[str]) -> list[str]:
+        """The distinct ``hashes`` that storage does not hold yet, in input order."""
+
+    def put_chunks(self, items: Iterable[tuple[str, Data]]) -> None:
+        """Store each ``(sha, data)``, in parallel."""
+
+    def get_chunks(self, hashes: Iterable[str]) -> Iterator[tuple[str, bytes]]:
+        """``(sha, data)`` for each hash, fetched in parallel, in completion order;
+        :class:`NotFound` if one is missing."""
+
+    def put_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Record a new version: checks the manifest and that every chunk it names is
+        stored, then assigns the next version; returns the stored manifest."""
+
+    def get_manifest(self, name: str, version: int | None = None) -> dict[str, Any]:
+        """A version's manifest (the latest if ``version`` is None); :class:`NotFound`."""
+
+    def list_objects(self, prefix: str = "") -> list[dict[str, Any]]:
+        """Summaries of the latest version of every object whose name starts with ``prefix``."""
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        """Summaries of every version of ``name``, oldest first; :class:`NotFound`."""
+
+    def delete(self, name: str, version: int | None = None) -> list[int]:
+        """Delete one version, or all of them; returns the deleted versions. Chunks are
+        left in place (other versions and objects may share them)."""
+
+
+class DirectTransport:
+    """A user's namespace on a backend, used in embedded mode and by the gateway.
+
+    Versions: the next is the highest stored + 1, written with an exclusive create, and
+    retried with the following number if a concurrent save took it first. On a backend
+    without exclusive creates (an S3 server that ignores If-None-Match) two saves of one
+    name at the same instant may both claim one version, and the later write wins.
+    Chunks are trusted as given: clients hash them, the gateway's upload handler checks
+    them, and every reader verifies them.
+    """
+
+    def __init__(self, backend: Backend, user: str, *, threads: int | None = None):
+        self.backend = backend
+        self.user = check_user(user)
+        self.threads = threads or default_threads()
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    self.threads, thread_name_prefix=f"dash-storage-{self.user}"
+                )
+            return self._executor
+
+    def close(self) -> None:
+        with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
+
+    # chunks
+
+    def missing_chunks(self, hashes: Iterable[str]) -> list[str]:
+        # One existence check per chunk, in parallel: a listing would cost in proportion
+        # to everything the user ever stored.
+        unique = [check_sha(h) for h in dict.fromkeys(hashes)]
+
+        def probe(sha: str) -> tuple[str, bool]:
+            return sha, self.backend.exists(chunk_key(self.user, sha))
+
+        found = dict(bounded_map(self.executor, probe, unique, self.threads))
+        return [h for h in unique if not found[h]]
+
+    def put_chunks(self, items: Iterable[tuple[str, Data]]) -> None:
+        def put(item: tuple[str, Data]) -> None:
+            sha, data = item
+            self.backend.put(chunk_key(self.user, sha), data)
+
+        for _ in bounded_map(self.executor, put, items, self.threads):
+            pass
+
+    def get_chunks(self, hashes: Iterable[str]) -> Iterator[tuple[str, bytes]]:
+        def get(sha: str) -> tuple[str, bytes]:
+            try:
+                return sha, self.backend.get(chunk_key(self.user, sha))
+            except NotFound:
+                raise NotFound(f"chunk {sha} is missing from storage") from None
+
+        yield from bounded_map(self.executor, get, dict.fromkeys(hashes), self.threads)
+
+    # manifests
+
+    def _stored_versions(self, name: str) -> list[int]:
+        prefix = f"{objects_prefix(self.user)}{check_name(name)}/"
+        found = []
+        for key in self.backend.list(prefix):
+            match = _VERSION_FILE.match(key[len(prefix) :])
+            if match:
+                found.append(int(match.group(1)))
+        return sorted(found)
+
+    def _read(self, name: str, version: int) -> dict[str, Any]:
+        data = self.backend.get(manifest_key(self.user, name, version))
+        return json.loads(data)
+
+    def put_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        manifest = dict(check_manifest(manifest))
+        manifest.pop("version", None)
+        missing = self.missing_chunks(manifest_chunks(manifest))
+        if missing:
+            raise StorageError(f"chunk {missing[0]} was not uploaded")
+        name = manifest["name"]
+        manifest["user"] = self.user
+        manifest.setdefault("metadata", {})
+        manifest["created"] = now_iso()
+        existing = self._stored_versions(name)
+        version = (existing[-1] if existing else 0) + 1
+        for _ in range(_VERSION_ATTEMPTS):
+            stored = {"name": name, "version": version, **manifest}
+            data = json.dumps(stored, separators=(",", ":")).encode()
+            try:
+                self.backend.put(manifest_key(self.user, name, version), data, exclusive=True)
+                log.debug("stored %s version %d for %s", name, version, self.user)
+                return stored
+            except AlreadyExists:
+                version += 1
+        raise StorageError(
+            f"could not assign a version to {name!r}: {_VERSION_ATTEMPTS} concurrent saves "
+            "took every number tried"
+        )
+
+    def get_manifest(self, name: str, version: int | None = None) -> dict[str, Any]:
+        if version is None:
+            existing = self._stored_versions(name)
+            if not existing:
+                raise NotFound(f"no object named {name!r}")
+            # A version deleted between listing and reading: take the next latest.
+            for candidate in reversed(existing):
+                try:
+                    return self._read(name, candidate)
+                except NotFound:
+                    continue
+            raise NotFound(f"no object named {name!r}")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(f"invalid version {version!r}: versions are integers from 1")
+        try:
+            return self._read(name, version)
+        except NotFound:
+            existing = self._stored_versions(name)
+            if not existing:
+                raise NotFound(f"no object named {name!r}") from None
+            listed = ", ".join(map(str, existing))
+            raise NotFound(
+                f"object {name!r} has no version {version} (versions: {listed})"
+            ) from None
+
+    def _summaries(self, pairs: list[tuple[str, int]]) -> list[dict[str, Any]]:
+        def read(pair: tuple[str, int]) -> dict[str, Any] | None:
+            try:
+                return summary(self._read(*pair))
+            except NotFound:
+                return None  # deleted meanwhile
+
+        results = [r for r in bounded_map(self.executor, read, pairs, self.threads) if r]
+        return sorted(results, key=lambda s: (s["name"], s["version"]))
+
+    def list_objects(self, prefix: str = "") -> list[dict[str, Any]]:
+        if prefix and not re.match(r"^[A-Za-z0-9._/-]*$", prefix):
+            raise ValueError(f"invalid name prefix {prefix!r}")
+        base = objects_prefix(self.user)
+        latest: dict[str, int] = {}
+        for key in self.backend.list(base + prefix):
+            name, _, file = key[len(base) :].rpartition("/")
+            match = _VERSION_FILE.match(file)
+            if name and match:
+                latest[name] = max(latest.get(name, 0), int(match.group(1)))
+        return self._summaries(sorted(latest.items()))
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        existing = self._stored_versions(name)
+        if not existing:
+            raise NotFound(f"no object named {name!r}")
+        return self._summaries([(name, v) for v in existing])
+
+    def delete(self, name: str, version: int | None = None) -> list[int]:
+        existing = self._stored_versions(name)
+        if not existing:
+            raise NotFound(f"no object named {name!r}")
+        if version is not None:
+            if version not in existing:
+                listed = ", ".join(map(str, existing))
+                raise NotFound(f"object {name!r} has no version {version} (versions: {listed})")
+            targets = [version]
+        else:
+            targets = existing
+        for v in targets:
+            self.backend.delete(manifest_key(self.user, name, v))
+        return targets
+
+    def __repr__(self) -> str:
+        return f"DirectTransport({self.backend!r}, user={self.user!r})"

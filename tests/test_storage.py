@@ -1,0 +1,533 @@
+"""Storage: chunks, manifests, versions, dedup, verification, cache and datasets on a local
+directory and on real S3 servers (moto, rclone serve s3)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from s3servers import S3Server, moto_server, rclone_server  # noqa: F401  (fixtures)
+
+import dash_kernel as dk
+from dash_kernel.serialize import dumps_oob, loads_oob
+from dash_kernel.storage import api
+from dash_kernel.storage.backends import (
+    LocalBackend,
+    NotFound,
+    S3Backend,
+    StorageError,
+    describe,
+    open_backend,
+)
+from dash_kernel.storage.cache import ChunkCache, parse_size
+from dash_kernel.storage.client import CorruptChunk, StorageClient
+from dash_kernel.storage.transport import DirectTransport, chunk_key, manifest_key
+
+MiB = 2**20
+CHUNK = 8 * MiB
+BIG = 64 * MiB
+
+
+class Counting:
+    """A real backend, with its calls counted."""
+
+    def __init__(self, backend: Any):
+        self.backend = backend
+        self.kind = backend.kind
+        self.calls: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.backend, name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                self.calls[name] = self.calls.get(name, 0) + 1
+            return method(*args, **kwargs)
+
+        return counted
+
+    def count(self, name: str) -> int:
+        return self.calls.get(name, 0)
+
+
+@pytest.fixture(params=["local", "moto", "rclone"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Counting:
+    if request.param == "local":
+        return Counting(LocalBackend(tmp_path / "storage"))
+    server: S3Server = request.getfixturevalue(f"{request.param}_server")
+    return Counting(S3Backend(server.bucket, server.fresh_prefix(), **server.client_kwargs()))
+
+
+@pytest.fixture
+def client(backend: Counting, tmp_path: Path) -> Iterator[StorageClient]:
+    transport = DirectTransport(backend, "alice")
+    cache = ChunkCache(tmp_path / "cache" / "dash-chunks", 10 * 2**30)
+    storage = StorageClient(transport, cache, chunk_size=CHUNK, progress=False)
+    yield storage
+    storage.close()
+
+
+def big_array(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 2**62, BIG // 8, dtype=np.int64)
+
+
+# round trips, versions, listing
+
+
+def test_dict_round_trip(client: StorageClient) -> None:
+    value = {"a": 1, "b": [1.5, "x", None], "nested": {"t": (1, 2)}}
+    record = client.save("config", value, epoch=3, tag="first")
+    assert (record.name, record.version, record.type) == ("config", 1, "builtins.dict")
+    assert record.size > 0 and record.uploaded_bytes == record.size
+    assert record.metadata == {"epoch": 3, "tag": "first"}
+    assert client.load("config") == value
+
+
+def test_numpy_round_trip_without_copies(client: StorageClient) -> None:
+    array = big_array()
+    record = client.save("arr", array)
+    assert record.type == "numpy.ndarray"
+    assert record.size >= array.nbytes and record.uploaded_bytes == record.size
+    loaded = client.load("arr")
+    assert loaded.dtype == array.dtype and loaded.shape == array.shape
+    assert np.array_equal(loaded, array)
+    assert loaded.flags.writeable  # backed by the load's own buffer, not a read-only copy
+
+
+def test_versions_and_load_by_version(client: StorageClient) -> None:
+    assert client.save("model", {"w": 1}).version == 1
+    assert client.save("model", {"w": 2}, note="better").version == 2
+    assert client.load("model") == {"w": 2}
+    assert client.load("model", version=1) == {"w": 1}
+    listed = client.versions("model")
+    assert [v["version"] for v in listed] == [1, 2]
+    assert listed[1]["metadata"] == {"note": "better"}
+    assert all("parts" not in v for v in listed)
+    with pytest.raises(NotFound, match=r"'model' has no version 7 \(versions: 1, 2\)"):
+        client.load("model", version=7)
+    with pytest.raises(NotFound, match="no object named 'nothing'"):
+        client.load("nothing")
+
+
+def test_ls_by_prefix(client: StorageClient) -> None:
+    for name in ("runs/a", "runs/b", "runs/b", "results", "other/x"):
+        client.save(name, name)
+    assert [(o["name"], o["version"]) for o in client.ls("runs/")] == [
+        ("runs/a", 1),
+        ("runs/b", 2),
+    ]
+    assert [o["name"] for o in client.ls("r")] == ["results", "runs/a", "runs/b"]
+    assert [o["name"] for o in client.ls()] == ["other/x", "results", "runs/a", "runs/b"]
+    assert client.ls("zzz") == []
+    summary = client.ls("results")[0]
+    assert summary["user"] == "alice" and summary["type"] == "builtins.str"
+    assert "parts" not in summary
+
+
+def test_rm_one_version_then_all(client: StorageClient) -> None:
+    for i in range(3):
+        client.save("ckpt", i)
+    assert client.rm("ckpt", 2) == [2]
+    assert [v["version"] for v in client.versions("ckpt")] == [1, 3]
+    with pytest.raises(NotFound, match="has no version 2"):
+        client.load("ckpt", 2)
+    assert client.save("ckpt", 9).version == 4
+    assert client.rm("ckpt") == [1, 3, 4]
+    assert client.ls() == []
+    with pytest.raises(NotFound, match="no object named 'ckpt'"):
+        client.rm("ckpt")
+
+
+def test_invalid_names_and_metadata(client: StorageClient) -> None:
+    for bad in ("", "../x", "a/../b", "/abs", "a//b", ".hidden", "x" * 201, "a/0000000001.json"):
+        with pytest.raises(ValueError, match="invalid object name"):
+            client.save(bad, 1)
+    with pytest.raises(ValueError, match="metadata must be JSON"):
+        client.save("ok", 1, tags={1, 2})
+
+
+# dedup, counted in bytes
+
+
+def test_dedup_counted_in_bytes(client: StorageClient, backend: Counting) -> None:
+    array = big_array(1)
+    first = client.save("data", array)
+    assert first.uploaded_bytes >= array.nbytes
+    puts = backend.count("put")
+
+    again = client.save("data", array)
+    assert again.version == 2
+    assert again.uploaded_bytes == 0
+    assert backend.count("put") == puts + 1  # the manifest only
+
+    array[len(array) // 2] += 1  # one chunk changes
+    changed = client.save("data", array)
+    assert changed.uploaded_bytes == CHUNK
+    assert np.array_equal(client.load("data"), array)
+    assert client.load("data", 1)[len(array) // 2] == array[len(array) // 2] - 1
+
+
+# verification
+
+
+def test_corrupted_chunk_is_detected(backend: Counting, tmp_path: Path) -> None:
+    # no cache: the load must read the damaged copy from the backend
+    storage = StorageClient(DirectTransport(backend, "alice"), None, chunk_size=MiB)
+    storage.save("weights", np.arange(MiB, dtype=np.float32))
+    manifest = storage.transport.get_manifest("weights")
+    sha = manifest["parts"][1]["chunks"][2]
+    key = chunk_key("alice", sha)
+    data = bytearray(backend.get(key))
+    data[100] ^= 0xFF
+    backend.put(key, bytes(data))
+    with pytest.raises(CorruptChunk) as caught:
+        storage.load("weights")
+    message = str(caught.value)
+    assert "object 'weights' version 1 is corrupt" in message
+    assert f"chunk {sha} has sha256 {hashlib.sha256(data).hexdigest()}" in message
+    assert (caught.value.name, caught.value.version, caught.value.sha) == ("weights", 1, sha)
+
+    backend.delete(key)
+    with pytest.raises(StorageError, match=f"'weights' version 1: chunk {sha} is missing"):
+        storage.load("weights")
+
+
+def test_manifest_refused_when_a_chunk_was_not_uploaded(client: StorageClient) -> None:
+    sha = hashlib.sha256(b"never uploaded").hexdigest()
+    manifest = {
+        "name": "ghost",
+        "size": 14,
+        "type": "files",
+        "metadata": {},
+        "format": "files-1",
+        "chunk_size": CHUNK,
+        "parts": [{"role": "file", "path": "g.txt", "size": 14, "chunks": [sha]}],
+    }
+    with pytest.raises(StorageError, match=f"chunk {sha} was not uploaded"):
+        client.transport.put_manifest(manifest)
+    with pytest.raises(ValueError, match="unsafe path"):
+        client.transport.put_manifest(
+            {**manifest, "parts": [{**manifest["parts"][0], "path": "../../etc/passwd"}]}
+        )
+
+
+# cache
+
+
+def test_second_load_is_a_cache_hit(client: StorageClient, backend: Counting) -> None:
+    array = big_array(2)
+    client.save("cached", array)
+    assert client.cache is not None
+    gets = backend.count("get")
+    assert np.array_equal(client.load("cached"), array)
+    chunk_gets = backend.count("get") - gets - 1  # minus the manifest
+    assert chunk_gets == BIG // CHUNK + 1
+    hits = client.cache.hits
+
+    gets = backend.count("get")
+    assert np.array_equal(client.load("cached"), array)
+    assert client.cache.hits - hits == BIG // CHUNK + 1
+    assert backend.count("get") - gets == 1  # the manifest only
+
+
+def test_cache_cap_evicts_least_recently_used(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "c", max_bytes=10 * 1000)
+    blobs = [os.urandom(1000) for _ in range(12)]
+    shas = [hashlib.sha256(b).hexdigest() for b in blobs]
+    for i, (sha, blob) in enumerate(zip(shas, blobs, strict=True)):
+        cache.put(sha, blob)
+        os.utime(cache._path(sha), (1000 + i, 1000 + i))
+        if i == 0:
+            continue
+        cache.get(shas[0])  # keep the first one in use
+        os.utime(cache._path(shas[0]), (2000 + i, 2000 + i))
+    assert cache.size() <= 10 * 1000
+    assert cache.evictions >= 2
+    assert shas[0] in cache and shas[-1] in cache
+    assert shas[1] not in cache
+
+    # a damaged file is dropped, not served
+    path = cache._path(shas[-1])
+    path.write_bytes(b"garbage")
+    assert cache.get(shas[-1]) is None and cache.corrupt == 1
+    assert not path.exists()
+    # bigger than the whole cap: not cached
+    cache.put(hashlib.sha256(b"x" * 20000).hexdigest(), b"x" * 20000)
+    assert cache.size() <= 10 * 1000
+
+
+def test_parse_size() -> None:
+    assert parse_size("10GB") == 10 * 10**9
+    assert parse_size("512MiB") == 512 * MiB
+    assert parse_size("1000") == 1000
+    with pytest.raises(ValueError, match="cannot read 'lots' as a size"):
+        parse_size("lots")
+
+
+# datasets
+
+
+def make_tree(root: Path) -> dict[str, bytes]:
+    files = {
+        "README.txt": b"hello\n",
+        "empty.bin": b"",
+        "data/part-0.bin": os.urandom(3 * MiB + 17),
+        "data/nested/deep.csv": b"a,b\n1,2\n",
+    }
+    for rel, content in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(content)
+    return files
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_datasets_upload_tree_and_path(
+    client: StorageClient, backend: Counting, tmp_path: Path
+) -> None:
+    client.chunk_size = MiB
+    files = make_tree(tmp_path / "tree")
+    record = client.upload_files(tmp_path / "tree", "corpus", source="test")
+    assert record.type == "files" and record.size == sum(map(len, files.values()))
+    manifest = client.transport.get_manifest("corpus")
+    assert manifest["format"] == "files-1"
+    assert sorted(p["path"] for p in manifest["parts"]) == sorted(files)
+
+    path = client.materialise("corpus")
+    assert path.is_dir() and path.is_relative_to(client.files_dir)
+    assert read_tree(path) == files
+
+    gets = backend.count("get")
+    assert client.materialise("corpus") == path  # reused, nothing fetched
+    assert backend.count("get") - gets == 1  # the manifest
+
+    # unchanged tree: nothing uploaded; one file changed: only its chunk
+    assert client.upload_files(tmp_path / "tree", "corpus").uploaded_bytes == 0
+    (tmp_path / "tree" / "README.txt").write_bytes(b"changed\n")
+    assert client.upload_files(tmp_path / "tree", "corpus").uploaded_bytes == 8
+    newest = client.materialise("corpus")
+    assert newest != path and (newest / "README.txt").read_bytes() == b"changed\n"
+    assert (client.materialise("corpus", 1) / "README.txt").read_bytes() == b"hello\n"
+
+    # a damaged materialised copy is rebuilt
+    (path / "data" / "part-0.bin").write_bytes(b"short")
+    assert read_tree(client.materialise("corpus", 1)) == files
+
+
+def test_datasets_single_file_and_wrong_kinds(client: StorageClient, tmp_path: Path) -> None:
+    source = tmp_path / "weights.bin"
+    source.write_bytes(os.urandom(1000))
+    client.upload_files(source, "weights")
+    path = client.materialise("weights")
+    assert path.name == "weights.bin" and path.read_bytes() == source.read_bytes()
+    with pytest.raises(StorageError, match=r"holds files, not a Python object: use dk.datasets"):
+        client.load("weights")
+    client.save("obj", [1, 2])
+    with pytest.raises(StorageError, match=r"is a Python object, not files: use dk.load"):
+        client.materialise("obj")
+    with pytest.raises(FileNotFoundError, match="no file or directory at"):
+        client.upload_files(tmp_path / "missing", "m")
+
+
+# users and credentials
+
+
+def test_users_do_not_see_each_other(backend: Counting) -> None:
+    alice = StorageClient(DirectTransport(backend, "alice"), None)
+    bob = StorageClient(DirectTransport(backend, "bob"), None)
+    alice.save("secret", {"k": 1})
+    sha = alice.transport.get_manifest("secret")["parts"][0]["chunks"][0]
+    assert bob.ls() == []
+    with pytest.raises(NotFound, match="no object named 'secret'"):
+        bob.load("secret")
+    with pytest.raises(NotFound):
+        bob.rm("secret")
+    # chunks are per user: bob cannot read or dedup against alice's
+    assert bob.transport.missing_chunks([sha]) == [sha]
+    with pytest.raises(NotFound, match=f"chunk {sha} is missing"):
+        list(bob.transport.get_chunks([sha]))
+    assert bob.save("secret", {"mine": True}).uploaded_bytes > 0
+    assert alice.load("secret") == {"k": 1}
+    assert bob.load("secret") == {"mine": True}
+    with pytest.raises(ValueError, match="invalid storage user"):
+        DirectTransport(backend, "../alice")
+
+
+def test_rclone_refuses_wrong_credentials(rclone_server: S3Server) -> None:  # noqa: F811
+    wrong = S3Backend(
+        rclone_server.bucket,
+        "x",
+        **rclone_server.client_kwargs(secret_key="not-the-secret"),
+    )
+    storage = StorageClient(DirectTransport(wrong, "alice"), None)
+    with pytest.raises(StorageError, match="refused the credentials for bucket 'dash-test'"):
+        storage.save("x", 1)
+    with pytest.raises(StorageError, match="refused the credentials"):
+        storage.ls()
+    unknown = S3Backend(
+        rclone_server.bucket, "x", **rclone_server.client_kwargs(access_key="nobody")
+    )
+    with pytest.raises(StorageError, match="refused the credentials"):
+        unknown.get("users/alice/objects/x/0000000001.json")
+
+
+def test_rclone_keeps_chunks_on_disk(rclone_server: S3Server) -> None:  # noqa: F811
+    prefix = rclone_server.fresh_prefix()
+    backend = S3Backend(rclone_server.bucket, prefix, **rclone_server.client_kwargs())
+    StorageClient(DirectTransport(backend, "alice"), None).save("on-disk", b"payload")
+    assert rclone_server.data_dir is not None
+    stored = rclone_server.data_dir / rclone_server.bucket / prefix / "users" / "alice"
+    assert (stored / "objects" / "on-disk" / "0000000001.json").is_file()
+    assert len(list((stored / "chunks").iterdir())) == 1
+
+
+# versions under concurrency
+
+
+@pytest.mark.parametrize("where", ["local", "moto"])
+def test_concurrent_saves_get_distinct_versions(
+    where: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    if where == "local":
+        backend: Any = LocalBackend(tmp_path / "s")
+    else:
+        server = request.getfixturevalue("moto_server")
+        backend = S3Backend(server.bucket, server.fresh_prefix(), **server.client_kwargs())
+    barrier = threading.Barrier(6)
+    versions: list[int] = []
+
+    def save(i: int) -> None:
+        storage = StorageClient(DirectTransport(backend, "alice"), None)
+        barrier.wait()
+        versions.append(storage.save("race", i).version)
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(versions) == [1, 2, 3, 4, 5, 6]
+    storage = StorageClient(DirectTransport(backend, "alice"), None)
+    assert [v["version"] for v in storage.versions("race")] == [1, 2, 3, 4, 5, 6]
+
+
+# backends
+
+
+def test_local_backend_layout_and_modes(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "s")
+    storage = StorageClient(DirectTransport(backend, "local"), None)
+    storage.save("a/b", 1)
+    path = tmp_path / "s" / manifest_key("local", "a/b", 1)
+    assert path.is_file() and oct(path.stat().st_mode & 0o777) == "0o600"
+    assert oct(path.parent.stat().st_mode & 0o777) == "0o700"
+    assert list(backend.list("users/local/objects/a")) == [
+        "users/local/objects/a/b/0000000001.json"
+    ]
+    for bad in ("../x", "a/../../b", "/etc/passwd", "a//b"):
+        with pytest.raises(ValueError, match="invalid storage key"):
+            backend.get(bad)
+    with pytest.raises(NotFound):
+        backend.get("users/none")
+    storage.rm("a/b")
+    assert not (tmp_path / "s" / "users" / "local" / "objects").exists()
+
+
+def test_open_backend_and_describe(tmp_path: Path, moto_server: S3Server) -> None:  # noqa: F811
+    assert isinstance(open_backend(tmp_path / "x"), LocalBackend)
+    assert isinstance(open_backend(f"file://{tmp_path}/y"), LocalBackend)
+    s3 = open_backend("s3://dash-test/some/prefix", **moto_server.client_kwargs())
+    assert isinstance(s3, S3Backend) and s3.prefix == "some/prefix/"
+    s3.put("k", b"v")
+    assert s3.get("k") == b"v"
+    assert describe("s3://user:secret@bucket/p") == {"backend": "s3", "location": "s3://bucket/p"}
+    assert describe(str(tmp_path)) == {"backend": "local", "location": str(tmp_path)}
+    with pytest.raises(ValueError, match="unsupported storage URL"):
+        open_backend("gs://bucket/x")
+
+
+def test_presigned_urls_move_chunks(moto_server: S3Server, tmp_path: Path) -> None:  # noqa: F811
+    import urllib.request
+
+    backend = S3Backend(
+        moto_server.bucket, moto_server.fresh_prefix(), **moto_server.client_kwargs()
+    )
+    assert LocalBackend(tmp_path).presign("GET", "k", 60) is None
+    put = urllib.request.Request(
+        backend.presign("PUT", "users/a/chunks/x", 60),
+        data=b"chunk bytes",
+        method="PUT",
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    urllib.request.urlopen(put, timeout=10).close()
+    with urllib.request.urlopen(backend.presign("GET", "users/a/chunks/x", 60), timeout=10) as r:
+        assert r.read() == b"chunk bytes"
+
+
+# serializer
+
+
+def test_dumps_oob_shares_memory() -> None:
+    array = np.arange(1000, dtype=np.float64)
+    pickled, buffers = dumps_oob({"a": array, "strided": array[::2]})
+    assert len(buffers) == 1 and buffers[0].nbytes == array.nbytes
+    assert np.shares_memory(np.frombuffer(buffers[0], dtype=np.float64), array)
+    restored = loads_oob(pickled, [bytearray(b) for b in buffers])
+    assert np.array_equal(restored["a"], array)
+    assert np.array_equal(restored["strided"], array[::2])
+
+
+# dk.* in embedded mode
+
+
+def test_dk_api_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("DASH_STORAGE_URL", "DASH_STORAGE_TOKEN", "DASH_GATEWAY_URL", "DASH_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(api, "_clients", OrderedDict())
+    record = dk.save("exp/one", {"x": np.ones(3)}, lr=0.1)
+    assert (record.name, record.version) == ("exp/one", 1)
+    assert np.array_equal(dk.load("exp/one")["x"], np.ones(3))
+    assert [o["name"] for o in dk.ls("exp")] == ["exp/one"]
+    assert dk.ls()[0]["user"] == "local" and dk.ls()[0]["metadata"] == {"lr": 0.1}
+    assert (tmp_path / "jupyter" / "dash" / "storage" / "users" / "local").is_dir()
+    (tmp_path / "f.txt").write_text("data")
+    dk.datasets.upload(tmp_path / "f.txt", "files/f")
+    assert dk.datasets.path("files/f").read_text() == "data"
+    assert [v["version"] for v in dk.versions("exp/one")] == [1]
+    assert dk.rm("exp/one") == [1]
+
+    other = StorageClient(DirectTransport(LocalBackend(tmp_path / "other"), "bob"), None)
+    with api.use_storage(other):
+        dk.save("elsewhere", 1)
+        assert [o["user"] for o in dk.ls()] == ["bob"]
+    assert dk.ls("elsewhere") == []
+
+
+def test_gateway_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("DASH_STORAGE_URL", "DASH_STORAGE_TOKEN", "DASH_GATEWAY_URL", "DASH_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    assert api._selection()[0] == "embedded"
+    monkeypatch.setenv("DASH_GATEWAY_URL", "http://127.0.0.1:1/")
+    monkeypatch.setenv("DASH_TOKEN", "t")
+    assert api._selection() == ("gateway", "http://127.0.0.1:1/", "t")
+    monkeypatch.setenv("DASH_STORAGE_URL", "http://127.0.0.1:2/")
+    monkeypatch.setenv("DASH_STORAGE_TOKEN", "st")
+    assert api._selection() == ("storage", "http://127.0.0.1:2/", "st")
+    with api.use_storage("http://127.0.0.1:3/", "ctx"):
+        assert api._selection() == ("storage", "http://127.0.0.1:3/", "ctx")
