@@ -207,7 +207,12 @@ def hash_token(token: str) -> str:
 
 
 def new_token() -> str:
-    return secrets.token_urlsafe(32)
+    """A random URL-safe token that never starts with ``-``, which a command line would take
+    for an option (``--token -abc``)."""
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
 
 
 def check_username(name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import signal
@@ -16,6 +17,7 @@ from conftest import Gateway, alive, launch_gateway, wait_gone
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from distributed import Client
+from distributed.comm import connect
 from distributed.security import Security
 
 from dash_kernel._version import __version__
@@ -100,13 +102,23 @@ def test_cluster_credentials_run_a_task(gateway: Gateway) -> None:
 def test_client_without_the_gateways_certificate_cannot_connect(gateway: Gateway, how: str) -> None:
     address = gateway.status()["scheduler"]
     if how == "plain tcp":
-        kwargs = {"address": address.replace("tls://", "tcp://")}
+        address, args = address.replace("tls://", "tcp://"), {}
     elif how == "tls without certificate":
-        kwargs = {"address": address}
+        args = {}
     else:
-        kwargs = {"address": address, "security": Security.temporary()}
-    with pytest.raises((OSError, TypeError, ValueError)):
-        Client(**kwargs, timeout=2)
+        args = Security.temporary().get_connection_args("client")
+
+    async def identity() -> object:
+        # The whole attempt is bounded: a handshake the scheduler drops must not hang the test.
+        comm = await asyncio.wait_for(connect(address, timeout=2, **args), 20)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await asyncio.wait_for(comm.read(), 10)
+        finally:
+            await comm.close()
+
+    with pytest.raises((OSError, TypeError, ValueError, asyncio.TimeoutError)):
+        asyncio.run(identity())
 
 
 def test_certificate_authority_files_are_private(gateway: Gateway) -> None:

@@ -504,3 +504,11 @@ def test_sign_csr_refuses_bad_requests(tmp_path: Path, mangle: str, error: str) 
         )
     with pytest.raises(ValueError, match=error):
         ca.sign_csr(csr_pem, "worker", "box")
+
+
+def test_tokens_never_look_like_an_option() -> None:
+    # `dash-worker join URL --token -abc…` would read the token as an option; with 2,000
+    # draws, about 31 plain token_urlsafe values would start with "-".
+    from dash_gateway.registry import new_token
+
+    assert not [t for t in (new_token() for _ in range(2000)) if t.startswith("-")]
