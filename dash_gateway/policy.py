@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dash_kernel.files import write_atomic
 
 __all__ = ["LOCAL_MACHINE", "MACHINE_STATES", "ClusterPolicy", "read_policy", "write_policy"]
 
@@ -73,10 +74,7 @@ def write_policy(
         revoked_serials=frozenset(normalize_serial(s) for s in revoked_serials),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(policy.to_json(), handle)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(policy.to_json()))
 
 
 def read_policy(path: str | os.PathLike[str]) -> ClusterPolicy:

@@ -13,13 +13,13 @@ import json
 import logging
 import os
 import sys
-import tempfile
 
 import dask
 from distributed import Scheduler
 
 from dash_gateway.scheduler_plugin import DashSchedulerPlugin
 from dash_gateway.tls import security_for
+from dash_kernel.files import write_atomic
 from dash_kernel.lifecycle import StopTrigger, arm_hard_exit
 
 log = logging.getLogger("dash_gateway.scheduler_process")
@@ -58,11 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def write_address_file(path: str, address: str) -> None:
     """Atomically write the scheduler's address for the parent to pick up."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".scheduler-address.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"address": address, "pid": os.getpid()}, handle)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"address": address, "pid": os.getpid()}))
 
 
 async def run(args: argparse.Namespace) -> int:

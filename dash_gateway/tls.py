@@ -7,7 +7,6 @@ import datetime
 import ipaddress
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from distributed.security import Security
+
+from dash_kernel.files import write_atomic
 
 try:
     import fcntl
@@ -66,7 +67,7 @@ class Credentials:
             directory / f"{stem}-key.pem",
         )
         for path, text in zip(paths, (self.ca, self.cert, self.key), strict=True):
-            _write_private(path, text)
+            write_atomic(path, text)
         return str(paths[0]), str(paths[1]), str(paths[2])
 
 
@@ -152,8 +153,8 @@ class CertificateAuthority:
             .sign(key, hashes.SHA256())
         )
         # Key first: a cert without its key would be taken for a complete CA by the next start.
-        _write_private(self.key_path, _key_pem(key))
-        _write_private(self.cert_path, cert.public_bytes(serialization.Encoding.PEM).decode())
+        write_atomic(self.key_path, _key_pem(key))
+        write_atomic(self.cert_path, cert.public_bytes(serialization.Encoding.PEM).decode())
         log.info("Created the DASH certificate authority in %s", self.directory)
 
     def issue(
@@ -316,18 +317,3 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
 def _ensure_private_dir(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
-
-
-def _write_private(path: Path, text: str) -> None:
-    # Written under a temporary name with mode 0600 from the start, then renamed, so the
-    # key is never readable by others and never seen half-written.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

@@ -11,11 +11,9 @@ One directory (mode 0700) per enrolled machine, each file mode 0600:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from dash_kernel.files import write_atomic
 
 __all__ = [
     "CONFIG_DIR_ENV",
@@ -151,13 +151,4 @@ class CredentialStore:
 
     def _write(self, path: Path, text: str) -> None:
         self._ensure_dir()
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.name}.")
-        try:
-            os.fchmod(fd, FILE_MODE)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, text, FILE_MODE)

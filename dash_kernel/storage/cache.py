@@ -11,40 +11,25 @@ import tempfile
 import threading
 from pathlib import Path
 
+from dask.utils import parse_bytes
+
 __all__ = ["ChunkCache", "default_cache_dir", "default_cache_size", "parse_size"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = 10 * 10**9
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
 # Evict down to this fraction of the cap, so that eviction does not run on every write.
 _LOW_WATER = 0.9
 
 
 def parse_size(text: str | int) -> int:
     """Bytes in ``"10GB"``, ``"512MiB"``, ``"1e9"`` or ``1000``; ValueError naming the text."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if not match or unit not in _UNITS:
-        raise ValueError(f"cannot read {text!r} as a size: use e.g. 10GB, 512MiB or bytes")
-    return int(float(match.group(1)) * _UNITS[unit])
+    try:
+        return parse_bytes(text)
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"cannot read {text!r} as a size: use e.g. 10GB, 512MiB or bytes"
+        ) from None
 
 
 def default_cache_size() -> int:
