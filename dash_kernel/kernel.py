@@ -12,6 +12,7 @@ import ast
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import uuid
@@ -19,11 +20,13 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
+from dask.utils import format_bytes
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.kernelapp import IPKernelApp
 
 from ._version import __version__
-from .cluster import Connection, connect
+from .checkpoints import checkpoint_name, list_checkpoints
+from .cluster import Connection, connect, disconnect
 from .errors import DashError
 from .magics import DashMagics
 from .resources import ResourceSpec
@@ -38,6 +41,12 @@ LOCAL_CELL = "%%local"
 _NOT_RELAYED = {"status", "execute_input"}
 _WAIT = 1.0
 _PARENTS_KEPT = 1000
+# ``DASH_CHECKPOINT=off`` starts the kernel with checkpoints off (``%dash checkpoint on``).
+ENV_CHECKPOINT = "DASH_CHECKPOINT"
+# Set by Jupyter Server for the kernels of its sessions: the notebook's path.
+ENV_NOTEBOOK = "JPY_SESSION_NAME"
+# A restore notice names at most this many variables.
+_NAMES_SHOWN = 20
 
 
 def is_local(code: str) -> bool:
@@ -65,6 +74,14 @@ class DashKernel(IPythonKernel):
         self._parents: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._pump: asyncio.Task[None] | None = None
+        self.notebook = os.environ.get(ENV_NOTEBOOK) or None
+        self.checkpoint_name = checkpoint_name(self.notebook, uuid.uuid4().hex[:8])
+        self.checkpointing = os.environ.get(ENV_CHECKPOINT, "on").lower() not in ("off", "0")
+        # The last checkpoint that succeeded (with the cell it followed), and why the
+        # last one failed, if it did and the user has not been told yet.
+        self.last_checkpoint: dict[str, Any] | None = None
+        self._checkpoint_problem: str | None = None
+        self._checkpoint_task: asyncio.Task[Any] | None = None
         self.shell.register_magics(DashMagics)
         for msg_type in ("comm_open", "comm_msg", "comm_close"):
             self.shell_handlers[msg_type] = self._relay_comm
@@ -78,6 +95,11 @@ class DashKernel(IPythonKernel):
         if previous is not None:
             previous.close()
         conn = await self._off_loop(connect)
+        if previous is not None and conn.client.status != "running":
+            # The scheduler went away (a gateway restart gives it a new address): ask the
+            # gateway where it is now rather than wait for the old address to come back.
+            await self._off_loop(disconnect)
+            conn = await self._off_loop(connect)
         self.remote = RemoteSession(conn, self.session_spec, asyncio.get_running_loop())
         await self.remote.start(
             on_queued=lambda why: self._say(f"DASH: the session is {why}.\n", "stderr")
@@ -89,13 +111,86 @@ class DashKernel(IPythonKernel):
         if previous is not None:
             self._say(
                 f"DASH: a new session started on {where}; the previous one was lost "
-                f"({previous.lost_reason()}), so its variables are gone.\n",
+                f"({previous.lost_reason()}). {await self._recover()}\n",
                 "stderr",
             )
         elif self._announced != where:
             self._say(f"DASH: this notebook runs on {where}.\n", "stderr")
         self._announced = where
         return self.remote
+
+    async def _recover(self) -> str:
+        """Restore a lost session's last checkpoint into the new one; says what it did."""
+        if not self.checkpointing:
+            text = "Checkpoints are off (%dash checkpoint on), so its variables are gone"
+            if self.last_checkpoint is None:
+                return text + "."
+            # An older state, restored unasked, would pass for the current one.
+            cell = self.last_checkpoint.get("cell")
+            return (
+                f"{text}; the last checkpoint (after cell [{cell}]) is still there: "
+                f"%dash restore {self.checkpoint_name}"
+            )
+        if self.last_checkpoint is None:
+            return "It had no checkpoint yet, so its variables are gone."
+        try:
+            restored = await self._restore(self.checkpoint_name)
+        except (DashError, SessionLost) as exc:
+            return (
+                f"Its checkpoint could not be restored ({exc}); %dash restore "
+                f"{self.checkpoint_name} tries again."
+            )
+        cell = self.last_checkpoint.get("cell")
+        after = f" as they were after cell [{cell}]" if cell else ""
+        return f"Restored its variables{after}: {_restore_summary(restored)}"
+
+    async def _restore(self, name: str, version: int | None = None) -> dict[str, Any]:
+        remote = await self._ensure_session()
+        access = await self._off_loop(remote.conn.storage_access)
+        return await self._in_remote(
+            "dash_kernel.checkpoints",
+            f"remote_restore({name!r}, {access!r}, {version!r})",
+            remote=remote,
+        )
+
+    async def _take_checkpoint(self, remote: RemoteSession, cell: int | None) -> dict[str, Any]:
+        """Checkpoint ``remote``'s variables (not another session's: if it is lost by now,
+        SessionLost); remembers the result, or the failure for the next cell to report."""
+        try:
+            access = await self._off_loop(remote.conn.storage_access)
+            metadata = {"cell": cell, "notebook": self.notebook}
+            taken = await self._in_remote(
+                "dash_kernel.checkpoints",
+                f"remote_take({self.checkpoint_name!r}, {access!r}, **{metadata!r})",
+                remote=remote,
+                forward_interrupt=False,
+            )
+        except (DashError, SessionLost) as exc:
+            self._checkpoint_problem = f"the checkpoint after cell [{cell}] failed: {exc}"
+            raise
+        self.last_checkpoint = {**taken, "cell": cell}
+        self._checkpoint_problem = None
+        return taken
+
+    def _checkpoint_after(self, cell: int) -> None:
+        """Checkpoint in the background once a cell's reply is sent: the front end sees
+        the cell finish, and the next cell queues behind the checkpoint in the session."""
+        remote = self.remote
+        if not self.checkpointing or remote is None or remote.lost_reason() is not None:
+            return
+
+        async def run() -> None:
+            with contextlib.suppress(DashError, SessionLost):
+                await self._take_checkpoint(remote, cell)
+
+        self._checkpoint_task = asyncio.create_task(run())
+
+    def _report_checkpoint_problem(self) -> None:
+        if self._checkpoint_problem:
+            saved = self.last_checkpoint.get("cell") if self.last_checkpoint else None
+            kept = f"the last one kept is from cell [{saved}]" if saved else "none is kept"
+            self._say(f"DASH: {self._checkpoint_problem} ({kept}).\n", "stderr")
+            self._checkpoint_problem = None
 
     def _send_remote(
         self, remote: RemoteSession, channel: str, msg_type: str, content: dict[str, Any]
@@ -110,15 +205,25 @@ class DashKernel(IPythonKernel):
         return msg_id
 
     async def _request(
-        self, channel: str, msg_type: str, content: dict[str, Any]
+        self,
+        channel: str,
+        msg_type: str,
+        content: dict[str, Any],
+        *,
+        remote: RemoteSession | None = None,
+        forward_interrupt: bool = True,
     ) -> dict[str, Any]:
-        """Send a request to the remote kernel and return its reply's content; what it
-        publishes meanwhile is relayed by the pump. A SIGINT meanwhile interrupts it."""
-        remote = await self._ensure_session()
+        """Send a request to the remote kernel (the session's, started if need be, or
+        ``remote`` only) and return its reply's content; what it publishes meanwhile is
+        relayed by the pump. A SIGINT meanwhile interrupts it, if ``forward_interrupt``."""
+        if remote is None:
+            remote = await self._ensure_session()
+        elif remote.lost_reason() is not None:
+            raise SessionLost(remote.lost_reason())
         reply = asyncio.get_running_loop().create_future()
         msg_id = self._send_remote(remote, channel, msg_type, content)
         self._replies[msg_id] = reply
-        previous_handler = self._forward_sigint(remote)
+        previous_handler = self._forward_sigint(remote) if forward_interrupt else None
         try:
             return (await reply)["content"]
         finally:
@@ -248,6 +353,7 @@ class DashKernel(IPythonKernel):
         self._current_count = self.shell.execution_count
         if store_history and not silent:
             self.shell.execution_count += 1
+        self._report_checkpoint_problem()
         try:
             if store_history and not silent:
                 await self._align_remote_count()
@@ -271,7 +377,24 @@ class DashKernel(IPythonKernel):
             return self._error_reply(exc, "the cell did not reach a remote session")
         if store_history and not silent:
             self._remote_next_count = self._current_count + 1
+            self._checkpoint_after(self._current_count)
         return {**reply, "execution_count": self._current_count}
+
+    def finish_metadata(
+        self, parent: dict[str, Any], metadata: dict[str, Any], reply_content: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Every execute_reply says where the session runs (``metadata["dash"]``), so a
+        front end (DASH's JupyterLab status bar) can show it."""
+        metadata = super().finish_metadata(parent, metadata, reply_content)
+        remote = self.remote
+        if remote is not None and remote.info and remote.lost_reason() is None:
+            metadata["dash"] = {
+                "session": remote.id,
+                "worker": remote.info.get("worker_name"),
+                "where": remote.describe(),
+                "gpus": remote.info.get("gpus", ""),
+            }
+        return metadata
 
     async def _align_remote_count(self) -> None:
         """Keep the remote kernel's cell numbers equal to this notebook's, so its
@@ -292,7 +415,13 @@ class DashKernel(IPythonKernel):
         self._current_count = self.shell.execution_count
         if counted:
             self.shell.execution_count += 1
-        handler = {"push": self._push, "pull": self._pull, "use": self._use}[command]
+        handler = {
+            "push": self._push,
+            "pull": self._pull,
+            "use": self._use,
+            "checkpoint": self._checkpoint_command,
+            "restore": self._restore_command,
+        }[command]
         try:
             text = await handler(argument)
         except (DashError, SessionLost) as exc:
@@ -314,18 +443,29 @@ class DashKernel(IPythonKernel):
             ident=self._topic("stream"),
         )
 
-    async def _in_remote(self, expression: str) -> dict[str, Any]:
-        """Evaluate a ``dash_kernel.transfer`` call in the remote kernel; its JSON result."""
+    async def _in_remote(
+        self,
+        module: str,
+        call: str,
+        *,
+        remote: RemoteSession | None = None,
+        forward_interrupt: bool = True,
+    ) -> dict[str, Any]:
+        """Evaluate ``module.call`` (a function returning JSON) in the remote kernel,
+        without binding a name in the notebook's namespace; its JSON result."""
+        expression = f"__import__('importlib').import_module({module!r}).{call}"
         reply = await self._request(
             "shell",
             "execute_request",
             {
-                "code": "import dash_kernel.transfer",
+                "code": "",
                 "silent": True,
                 "store_history": False,
                 "user_expressions": {"result": expression},
                 "allow_stdin": False,
             },
+            remote=remote,
+            forward_interrupt=forward_interrupt,
         )
         result = reply.get("user_expressions", {}).get("result", {})
         if reply.get("status") != "ok" or result.get("status") != "ok":
@@ -361,7 +501,7 @@ class DashKernel(IPythonKernel):
             sent = await self._off_loop(publish_names, remote.conn, self.shell.user_ns, names, key)
             if sent["unpicklable"]:
                 raise SerializationError("send", sent["unpicklable"])
-            result = await self._in_remote(f"dash_kernel.transfer.remote_receive({key!r})")
+            result = await self._in_remote("dash_kernel.transfer", f"remote_receive({key!r})")
         return f"Sent to the session: {', '.join(result['received'])}\n" + _not_moved(
             result["failed"], {}, []
         )
@@ -372,7 +512,9 @@ class DashKernel(IPythonKernel):
             raise DashError("name the variables to fetch: %dash pull x y")
         remote = await self._ensure_session()
         async with self._transfer(remote.conn) as key:
-            sent = await self._in_remote(f"dash_kernel.transfer.remote_publish({key!r}, {names!r})")
+            sent = await self._in_remote(
+                "dash_kernel.transfer", f"remote_publish({key!r}, {names!r})"
+            )
             got = await self._off_loop(receive_names, remote.conn, self.shell.user_ns, key)
         fetched = ", ".join(got["received"]) or "nothing"
         return f"Fetched from the session: {fetched}\n" + _not_moved(
@@ -387,17 +529,72 @@ class DashKernel(IPythonKernel):
             self.session_spec = spec
             await self._ensure_session()
             return f"The session now runs on {self.remote.describe()}.\n"
-        async with self._transfer(conn) as key:
-            sent = await self._in_remote(f"dash_kernel.transfer.remote_publish({key!r}, None)")
-            old, self.remote = self.remote, None
-            await old.shutdown()
-            self.session_spec = spec
-            await self._ensure_session()
-            got = await self._in_remote(f"dash_kernel.transfer.remote_receive({key!r})")
-        carried = ", ".join(got["received"]) or "nothing"
+        # Checkpoint first: if that fails, the session stays where it is, whole.
+        try:
+            await self._take_checkpoint(self.remote, self.last_checkpoint_cell())
+        except (DashError, SessionLost) as exc:
+            self._checkpoint_problem = None
+            raise DashError(
+                f"could not checkpoint the session, so it stays on {self.remote.describe()}: {exc}"
+            ) from None
+        old, self.remote = self.remote, None
+        await old.shutdown()
+        self.session_spec = spec
+        await self._ensure_session()
+        where = self.remote.describe()
+        try:
+            restored = await self._restore(self.checkpoint_name)
+        except (DashError, SessionLost) as exc:
+            return (
+                f"The session moved to {where}, but its variables could not be restored "
+                f"({exc}); %dash restore {self.checkpoint_name} tries again.\n"
+            )
+        return f"The session moved to {where}. Carried over: {_restore_summary(restored)}\n"
+
+    def checkpoint_status(self) -> str:
+        """For ``%dash status``: what a lost session would get back."""
+        if not self.checkpointing:
+            return "off (%dash checkpoint on)"
+        taken = self.last_checkpoint
+        if taken is None:
+            return f"none yet ({self.checkpoint_name})"
+        cell = f"after cell [{taken['cell']}]: " if taken.get("cell") else ""
+        unsaved = f", {len(taken['unsaved'])} not picklable" if taken.get("unsaved") else ""
         return (
-            f"The session moved to {self.remote.describe()}. Carried over: {carried}\n"
-            + _not_moved(got["failed"], sent["unpicklable"], [])
+            f"{cell}{len(taken['saved'])} variables{unsaved}, {format_bytes(taken['size'])} "
+            f"in {taken['name']}"
+        )
+
+    def last_checkpoint_cell(self) -> int | None:
+        """The number of the last cell that ran in the session, if any has."""
+        return self._current_count - 1 if self._current_count > 1 else None
+
+    async def _checkpoint_command(self, argument: str) -> str:
+        choice = argument.strip().lower()
+        if choice == "off":
+            self.checkpointing = False
+            return (
+                "Checkpoints are off: if this session is lost, its variables are lost with "
+                "it (%dash checkpoint on turns them back on).\n"
+            )
+        if choice not in ("", "on"):
+            raise DashError(f"unknown %dash checkpoint option {argument.strip()!r}; use on or off")
+        if choice == "on":
+            self.checkpointing = True
+        remote = await self._ensure_session()
+        taken = await self._take_checkpoint(remote, self.last_checkpoint_cell())
+        return _checkpoint_summary(taken)
+
+    async def _restore_command(self, argument: str) -> str:
+        words = argument.split()
+        if not words:
+            return _checkpoints_table(await self._off_loop(list_checkpoints), self.checkpoint_name)
+        if len(words) > 2 or (len(words) == 2 and not words[1].isdigit()):
+            raise DashError("usage: %dash restore [NAME [VERSION]]")
+        version = int(words[1]) if len(words) == 2 else None
+        restored = await self._restore(words[0], version)
+        return f"Restored from {words[0]} version {restored['version']}: " + (
+            _restore_summary(restored) + "\n"
         )
 
     def _error_reply(self, exc: BaseException, hint: str) -> dict[str, Any]:
@@ -494,10 +691,14 @@ class DashKernel(IPythonKernel):
         return await result if asyncio.iscoroutine(result) else result
 
 
+_SESSION_COMMANDS = ("push", "pull", "use", "checkpoint", "restore")
+
+
 def _session_command(code: str) -> tuple[str, str] | None:
-    """``("push", "x y")`` for a ``%dash push x y`` cell (also pull and use), else None."""
+    """``("push", "x y")`` for a ``%dash push x y`` cell (also pull, use, checkpoint and
+    restore), else None."""
     parts = code.strip().split(maxsplit=2)
-    if len(parts) >= 2 and parts[0] == "%dash" and parts[1] in ("push", "pull", "use"):
+    if len(parts) >= 2 and parts[0] == "%dash" and parts[1] in _SESSION_COMMANDS:
         return parts[1], parts[2] if len(parts) == 3 else ""
     return None
 
@@ -506,6 +707,59 @@ def _not_moved(failed: dict[str, str], unpicklable: dict[str, str], missing: lis
     lines = [f"Not moved: {name} ({why})\n" for name, why in {**unpicklable, **failed}.items()]
     lines += [f"Not moved: {name} (no such variable in the session)\n" for name in missing]
     return "".join(lines)
+
+
+def _names(names: list[str]) -> str:
+    if not names:
+        return "nothing"
+    shown = ", ".join(names[:_NAMES_SHOWN])
+    more = len(names) - _NAMES_SHOWN
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _restore_summary(restored: dict[str, Any]) -> str:
+    """ "a, b (0.2 s). Not restored: lock (not picklable: ...)" for a restore's result."""
+    size = format_bytes(restored.get("size", 0))
+    text = f"{_names(restored['restored'])} ({size}, {restored['seconds']:g} s)."
+    missed = [f"{n} ({why})" for n, why in restored.get("failed", {}).items()]
+    missed += [
+        f"{n} (could not be pickled: {why})" for n, why in restored.get("unsaved", {}).items()
+    ]
+    if missed:
+        text += " Not restored: " + "; ".join(missed) + "."
+    return text
+
+
+def _checkpoint_summary(taken: dict[str, Any]) -> str:
+    stored = (
+        "unchanged since the last checkpoint"
+        if taken["version"] is None
+        else f"version {taken['version']}, {format_bytes(taken['uploaded_bytes'])} uploaded"
+    )
+    text = (
+        f"Checkpointed {_names(taken['saved'])} as {taken['name']} ({format_bytes(taken['size'])}, "
+        f"{stored}, {taken['seconds']:g} s).\n"
+    )
+    for name, why in taken.get("unsaved", {}).items():
+        text += f"Not saved: {name} ({why})\n"
+    return text
+
+
+def _checkpoints_table(found: list[dict[str, Any]], current: str) -> str:
+    if not found:
+        return "No session checkpoints are stored.\n"
+    lines = ["Session checkpoints (%dash restore NAME puts one into this session):"]
+    for entry in found:
+        metadata = entry.get("metadata") or {}
+        cell = f"after cell [{metadata['cell']}]" if metadata.get("cell") else ""
+        notebook = metadata.get("notebook") or ""
+        mark = " (this kernel)" if entry["name"] == current else ""
+        count = len(entry.get("variables") or [])
+        lines.append(
+            f"  {entry['name']}{mark}: {count} variables, {format_bytes(entry.get('size', 0))}, "
+            f"{entry.get('created', '')[:19]} {cell} {notebook}".rstrip()
+        )
+    return "\n".join(lines) + "\n"
 
 
 class DashKernelApp(IPKernelApp):

@@ -167,13 +167,16 @@ class DashMagics(Magics):
         if command not in ("status", "workers"):
             raise DashError(
                 f"unknown %dash command {command!r}; try %dash status or %dash workers "
-                "(and, in the DASH kernel, push, pull or use)"
+                "(and, in the DASH kernel, push, pull, use, checkpoint or restore)"
             )
         status = cluster_status(connect())
         # In the DASH kernel, say where this notebook's remote session runs.
-        remote = getattr(getattr(self.shell, "kernel", None), "remote", None)
+        kernel = getattr(self.shell, "kernel", None)
+        remote = getattr(kernel, "remote", None)
         if remote is not None and remote.lost_reason() is None:
             status.session = remote.describe()
+        if hasattr(kernel, "checkpoint_status"):
+            status.checkpoint = kernel.checkpoint_status()
         return status if command == "status" else status.workers_table()
 
 

@@ -123,7 +123,8 @@ def loads_oob(data: bytes | memoryview, buffers: Iterable[Any]) -> Any:
     return pickle.loads(data, buffers=list(buffers))
 
 
-def _describe_failure(value: Any, exc: BaseException) -> str:
+def describe_failure(value: Any, exc: BaseException) -> str:
+    """Why ``value`` could not be pickled: its type and the error."""
     return f"{type(value).__module__}.{type(value).__qualname__}: {exc}".removeprefix("builtins.")
 
 
@@ -145,7 +146,7 @@ def dumps_names(
         try:
             payload[name] = dumps(value)
         except Exception as exc:
-            failures[name] = _describe_failure(value, exc)
+            failures[name] = describe_failure(value, exc)
     if strict and failures:
         raise SerializationError("send", failures)
     return payload, failures

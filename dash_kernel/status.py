@@ -50,6 +50,7 @@ class ClusterStatus:
     workers: WorkersTable
     totals: dict[str, Any]
     session: str | None = None
+    checkpoint: str | None = None
 
     def workers_table(self) -> WorkersTable:
         return self.workers
@@ -60,6 +61,8 @@ class ClusterStatus:
             "cluster": "its notebook's cluster",
         }.get(self.mode, self.mode)
         rows = [("this session", self.session)] if self.session else []
+        if self.checkpoint:
+            rows.append(("checkpoint", self.checkpoint))
         return rows + [
             ("connected to", where),
             ("scheduler", self.scheduler),

@@ -331,7 +331,8 @@ def test_push_pull_and_use_move_variables_and_name_what_cannot_move(dash):
     moved = dash.execute("%dash use cpu=1", timeout=120)
     assert moved.status == "ok", moved.traceback_text()
     assert "The session moved to worker local-" in moved.stream()
-    assert "remote_dict" in moved.stream() and "Not moved: remote_lock" in moved.stream()
+    assert "Carried over: " in moved.stream() and "remote_dict" in moved.stream()
+    assert "Not restored: remote_lock (could not be pickled: _thread.lock" in moved.stream()
     assert dash.execute("print(remote_dict['a'] + 1)").stream() == "2\n"
     assert _remote_pid(dash) != old_pid
 
@@ -340,22 +341,30 @@ def test_push_pull_and_use_move_variables_and_name_what_cannot_move(dash):
     assert dash.execute("print(remote_dict)").stream() == "{'a': 1}\n"  # the session stayed
 
 
-def test_a_worker_dying_under_a_session_is_reported_and_nothing_is_left(
+def test_a_worker_dying_under_a_session_is_reported_and_its_checkpoint_restored(
     gateway, dash_kernelspec, tmp_path
 ):
     with KernelDriver(kernel_name="dash", env=gateway.env, cwd=str(tmp_path)) as kernel:
-        kernel.execute("import os, time\nstate = 'lost with the worker'", timeout=120)
+        kernel.execute("import os, time\nstate = 'kept by the checkpoint'", timeout=120)
         remote_kernel = psutil.Process(_remote_pid(kernel))
         worker = remote_kernel.parent()
         assert "multiprocessing" in " ".join(worker.cmdline())  # a Dask worker process
         threading.Timer(1.0, worker.kill).start()
-        run = kernel.execute("print('working', flush=True)\ntime.sleep(30)", timeout=90)
+        run = kernel.execute(
+            "lost = 'set by the cell that was running'\nprint('working', flush=True)\n"
+            "time.sleep(30)",
+            timeout=90,
+        )
         assert run.status == "error"
         assert run.error["ename"] == "SessionLost"
         assert "worker" in run.error["evalue"]
         assert not wait_gone([remote_kernel], timeout=20), "the remote kernel outlived its worker"
-        again = kernel.execute("print('state' in globals())", timeout=120)
+        again = kernel.execute("print(state, 'lost' in globals(), os.getpid())", timeout=120)
         assert again.status == "ok", again.traceback_text()
-        assert again.stream() == "False\n"
-        assert "a new session started" in again.stream("stderr")
+        state, lost, pid = again.stream().rsplit(maxsplit=2)
+        assert (state, lost) == ("kept by the checkpoint", "False")
+        assert int(pid) != remote_kernel.pid
+        notice = again.stream("stderr")
+        assert "a new session started" in notice
+        assert "Restored its variables as they were after cell [2]: os, state, time" in notice
     gateway.wait_for_workers(2)  # the nanny brought the worker back

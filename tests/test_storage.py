@@ -16,7 +16,7 @@ import pytest
 from s3servers import S3Server, moto_server, rclone_server  # noqa: F401  (fixtures)
 
 import dash_kernel as dk
-from dash_kernel.serialize import dumps_oob, loads_oob
+from dash_kernel.serialize import SerializationError, dumps_oob, loads_oob
 from dash_kernel.storage import api
 from dash_kernel.storage.backends import (
     LocalBackend,
@@ -28,7 +28,12 @@ from dash_kernel.storage.backends import (
 )
 from dash_kernel.storage.cache import ChunkCache, parse_size
 from dash_kernel.storage.client import CorruptChunk, StorageClient
-from dash_kernel.storage.transport import DirectTransport, chunk_key, manifest_key
+from dash_kernel.storage.transport import (
+    DirectTransport,
+    check_manifest,
+    chunk_key,
+    manifest_key,
+)
 
 MiB = 2**20
 CHUNK = 8 * MiB
@@ -173,6 +178,89 @@ def test_dedup_counted_in_bytes(client: StorageClient, backend: Counting) -> Non
     assert changed.uploaded_bytes == CHUNK
     assert np.array_equal(client.load("data"), array)
     assert client.load("data", 1)[len(array) // 2] == array[len(array) // 2] - 1
+
+
+# saved variables (session checkpoints)
+
+
+def _refuse_to_load(why: str) -> None:
+    raise RuntimeError(why)
+
+
+class LoadsNowhere:
+    """Pickles fine; unpickling fails, as an object needing a missing module would."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse_to_load, ("this machine lacks what it needs",))
+
+
+def test_variables_round_trip_name_failures_and_skip_unchanged(
+    client: StorageClient, backend: Counting
+) -> None:
+    array = big_array(3)
+    namespace = {
+        "small": {"a": 1},
+        "text": "hello",
+        "array": array,
+        "lock": threading.Lock(),
+        "stranger": LoadsNowhere(),
+    }
+    first = client.save_variables("sessions/nb-1", namespace, namespace)
+    assert first.version == 1
+    assert first.saved == ["array", "small", "stranger", "text"]
+    assert list(first.failures) == ["lock"] and "cannot pickle" in first.failures["lock"]
+    assert first.uploaded_bytes == first.size >= array.nbytes
+
+    values, failures, summary = client.load_variables("sessions/nb-1")
+    assert values["small"] == {"a": 1} and values["text"] == "hello"
+    assert np.array_equal(values["array"], array) and values["array"].flags.writeable
+    assert failures == {"stranger": "RuntimeError: this machine lacks what it needs"}
+    assert summary["unsaved"] == first.failures and summary["version"] == 1
+
+    puts = backend.count("put")
+    same = client.save_variables("sessions/nb-1", namespace, namespace, unless_digest=first.digest)
+    assert same.version is None and same.uploaded_bytes == 0 and same.digest == first.digest
+    assert backend.count("put") == puts  # nothing written at all
+
+    namespace["text"] = "changed"
+    changed = client.save_variables(
+        "sessions/nb-1", namespace, namespace, unless_digest=first.digest
+    )
+    assert changed.version == 2
+    assert 0 < changed.uploaded_bytes < 4096  # the small values' pack, not the array
+    assert client.load_variables("sessions/nb-1")[0]["text"] == "changed"
+    assert client.load_variables("sessions/nb-1", 1)[0]["text"] == "hello"
+
+    # dk.load of saved variables is a dict of them, and names what cannot be loaded
+    with pytest.raises(SerializationError, match="stranger .RuntimeError"):
+        client.load("sessions/nb-1")
+    del namespace["stranger"], namespace["lock"]
+    client.save_variables("sessions/nb-2", namespace, namespace)
+    assert set(client.load("sessions/nb-2")) == {"array", "small", "text"}
+    with pytest.raises(StorageError, match="not a set of saved variables"):
+        client.load_variables(client.save("plain", 1).name)
+
+
+def test_variables_manifest_layout_is_checked() -> None:
+    sha = hashlib.sha256(b"x").hexdigest()
+    manifest = {
+        "name": "sessions/bad",
+        "size": 1,
+        "format": "variables-1",
+        "chunk_size": CHUNK,
+        "parts": [{"role": "pack", "size": 1, "chunks": [sha]}],
+        "variables": [{"name": "a", "pack": [0, 1]}],
+    }
+    assert check_manifest(manifest) is manifest
+    for variables in (
+        [{"name": "a", "pack": [0, 2]}],  # beyond the pack
+        [{"name": "a", "parts": [0]}],  # a pack is not a pickle part
+        [{"name": "a", "parts": [3]}],
+        [{"pack": [0, 1]}],
+        "a",
+    ):
+        with pytest.raises(ValueError, match="variable|variables"):
+            check_manifest({**manifest, "variables": variables})
 
 
 # verification

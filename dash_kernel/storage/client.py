@@ -10,24 +10,40 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..serialize import dumps_oob, loads_oob
+from ..serialize import SerializationError, describe_failure, dumps_oob, loads_oob
 from .backends import Data, NotFound, StorageError
 from .cache import ChunkCache, parse_size
-from .transport import Transport, bounded_map, check_name, default_threads, now_iso
+from .transport import (
+    Transport,
+    bounded_map,
+    check_name,
+    default_threads,
+    now_iso,
+    summary,
+)
 
-__all__ = ["CorruptChunk", "SaveRecord", "StorageClient", "default_chunk_size"]
+__all__ = [
+    "CorruptChunk",
+    "SaveRecord",
+    "StorageClient",
+    "VariablesRecord",
+    "default_chunk_size",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 8 * 2**20
 # Transfers at least this big show a progress bar (tqdm.auto).
 PROGRESS_MIN_BYTES = 64 * 2**20
+# Variables pickled smaller than this (with no out-of-band buffers) share one part, so a
+# namespace of many small values is a few chunks, not one per value.
+PACK_BELOW = 256 * 2**10
 # Hashes per missing-chunks question: bounds a gateway request's size.
 _MISSING_BATCH = 1000
 
@@ -81,6 +97,21 @@ class SaveRecord:
             f"SaveRecord(name={self.name!r}, version={self.version}, size={_human(self.size)}, "
             f"uploaded={_human(self.uploaded_bytes)}, type={self.type!r})"
         )
+
+
+@dataclass(frozen=True)
+class VariablesRecord:
+    """What :meth:`StorageClient.save_variables` did: ``version`` is None when the content
+    was unchanged (its ``digest`` equal to the previous save's) and nothing was written;
+    ``failures`` names each variable that could not be pickled, and why."""
+
+    name: str
+    version: int | None
+    saved: list[str]
+    failures: dict[str, str]
+    size: int
+    uploaded_bytes: int
+    digest: str
 
 
 def _human(n: float) -> str:
@@ -230,6 +261,74 @@ class StorageClient:
         sources = [_file_source(rel, p, p.stat().st_size) for rel, p in entries]
         return self._store(name, "files-1", "files", sources, metadata, source=source)
 
+    def save_variables(
+        self,
+        name: str,
+        namespace: Mapping[str, Any],
+        names: Iterable[str],
+        /,
+        *,
+        unless_digest: str | None = None,
+        **metadata: Any,
+    ) -> VariablesRecord:
+        """Store ``namespace[n]`` for each of ``names`` as the next version of ``name``,
+        each pickled separately, so that one that cannot be pickled is named and skipped
+        and one that did not change is not sent again. Small pickles share one packed
+        part. If the content's digest equals ``unless_digest`` (the previous save's),
+        nothing is written."""
+        check_name(name)
+        metadata = _json_metadata(metadata)
+        failures: dict[str, str] = {}
+        small: list[tuple[str, str, bytes]] = []
+        large: list[tuple[str, str, bytes, list[memoryview]]] = []
+        for var in sorted(names):
+            if var not in namespace:
+                continue
+            value = namespace[var]
+            try:
+                pickled, buffers = dumps_oob(value)
+            except Exception as exc:
+                failures[var] = describe_failure(value, exc)
+                continue
+            if not buffers and len(pickled) < PACK_BELOW:
+                small.append((var, _type_name(value), pickled))
+            else:
+                large.append((var, _type_name(value), pickled, buffers))
+        sources: list[_Source] = []
+        variables: list[dict[str, Any]] = []
+        if small:
+            pack = b"".join(p for _, _, p in small)
+            sources.append(_view_source("pack", memoryview(pack)))
+            offset = 0
+            for var, type_name, pickled in small:
+                variables.append({"name": var, "type": type_name, "pack": [offset, len(pickled)]})
+                offset += len(pickled)
+        for var, type_name, pickled, buffers in large:
+            first = len(sources)
+            sources.append(_view_source("pickle", memoryview(pickled)))
+            sources += [_view_source("buffer", b) for b in buffers]
+            variables.append(
+                {"name": var, "type": type_name, "parts": list(range(first, len(sources)))}
+            )
+        parts, uploaded = self._upload(name, sources)
+        content = json.dumps([variables, [p["chunks"] for p in parts]], sort_keys=True)
+        digest = hashlib.sha256(content.encode()).hexdigest()
+        size = sum(s.size for s in sources)
+        saved = sorted(v["name"] for v in variables)
+        if digest == unless_digest:
+            return VariablesRecord(name, None, saved, failures, size, uploaded, digest)
+        stored = self._commit(
+            name,
+            "variables-1",
+            "variables",
+            parts,
+            metadata,
+            variables=variables,
+            unsaved=failures,
+            digest=digest,
+        )
+        return VariablesRecord(name, stored["version"], saved, failures, size, uploaded, digest)
+
     def _store(
         self,
         name: str,
@@ -239,6 +338,13 @@ class StorageClient:
         metadata: dict[str, Any],
         **extra: Any,
     ) -> SaveRecord:
+        parts, uploaded = self._upload(name, sources)
+        stored = self._commit(name, fmt, type_name, parts, metadata, **extra)
+        return SaveRecord.from_manifest(stored, uploaded)
+
+    def _upload(self, name: str, sources: list[_Source]) -> tuple[list[dict[str, Any]], int]:
+        """Hash every chunk of ``sources`` and upload those storage does not hold; returns
+        the manifest parts and the bytes uploaded."""
         chunk_size = self.chunk_size
         jobs = [(i, o, n) for i, s in enumerate(sources) for o, n in _pieces(s.size, chunk_size)]
 
@@ -283,27 +389,33 @@ class StorageClient:
             part["chunks"] = hashes[position : position + count]
             position += count
             parts.append(part)
+        return parts, uploaded
+
+    def _commit(
+        self,
+        name: str,
+        fmt: str,
+        type_name: str,
+        parts: list[dict[str, Any]],
+        metadata: dict[str, Any],
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """Record a manifest for uploaded ``parts`` as the next version; the stored one."""
         manifest = {
             "name": name,
-            "size": sum(s.size for s in sources),
+            "size": sum(p["size"] for p in parts),
             "type": type_name,
             "created": now_iso(),
             "metadata": metadata,
             "user": self.user,
             "format": fmt,
-            "chunk_size": chunk_size,
+            "chunk_size": self.chunk_size,
             **extra,
             "parts": parts,
         }
         stored = self.transport.put_manifest(manifest)
-        log.info(
-            "saved %s version %s (%d bytes, %d uploaded)",
-            name,
-            stored["version"],
-            manifest["size"],
-            uploaded,
-        )
-        return SaveRecord.from_manifest(stored, uploaded)
+        log.info("saved %s version %s (%d bytes)", name, stored["version"], manifest["size"])
+        return stored
 
     # loading
 
@@ -369,6 +481,11 @@ class StorageClient:
     def load(self, name: str, version: int | None = None) -> Any:
         """The object saved as ``name`` (its latest version, or ``version``)."""
         manifest = self.transport.get_manifest(check_name(name), version)
+        if manifest.get("format") == "variables-1":
+            values, failures = self._load_variables(manifest)
+            if failures:
+                raise SerializationError("load", failures)
+            return values
         if manifest.get("format") != "pickle-oob-1":
             raise StorageError(
                 f"object {name!r} version {manifest['version']} holds files, not a Python "
@@ -383,6 +500,44 @@ class StorageClient:
 
         self._fetch(manifest, write)
         return loads_oob(buffers[0], buffers[1:])
+
+    def load_variables(
+        self, name: str, version: int | None = None
+    ) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
+        """The variables saved by :meth:`save_variables` as ``name`` (the latest version,
+        or ``version``): ``(values, failures, summary)``, where ``failures`` names each one
+        that could not be unpickled here (a module this machine lacks, say) and why."""
+        manifest = self.transport.get_manifest(check_name(name), version)
+        if manifest.get("format") != "variables-1":
+            raise StorageError(
+                f"object {name!r} version {manifest['version']} is not a set of saved "
+                f"variables: use dk.load({name!r})"
+            )
+        values, failures = self._load_variables(manifest)
+        return values, failures, summary(manifest)
+
+    def _load_variables(self, manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        buffers = [bytearray(part["size"]) for part in manifest["parts"]]
+        views = [memoryview(b) for b in buffers]
+
+        def write(i: int, offset: int, data: bytes) -> None:
+            views[i][offset : offset + len(data)] = data
+
+        self._fetch(manifest, write)
+        values: dict[str, Any] = {}
+        failures: dict[str, str] = {}
+        for variable in manifest.get("variables", []):
+            var = variable["name"]
+            try:
+                if "pack" in variable:
+                    offset, length = variable["pack"]
+                    values[var] = loads_oob(views[0][offset : offset + length], [])
+                else:
+                    first, *rest = variable["parts"]
+                    values[var] = loads_oob(buffers[first], [buffers[i] for i in rest])
+            except Exception as exc:
+                failures[var] = f"{type(exc).__name__}: {exc}"
+        return values, failures
 
     def materialise(self, name: str, version: int | None = None) -> Path:
         """A local directory holding the files of dataset ``name`` (the latest version, or

@@ -34,7 +34,11 @@ USER_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 SHA_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 # A manifest's file name; a name segment like this would collide with one on a local disk.
 _VERSION_FILE = re.compile(r"^(\d{10})\.json$")
-FORMATS = {"pickle-oob-1": ("pickle", "buffer"), "files-1": ("file",)}
+FORMATS = {
+    "pickle-oob-1": ("pickle", "buffer"),
+    "files-1": ("file",),
+    "variables-1": ("pack", "pickle", "buffer"),
+}
 # Exclusive-create retries when concurrent saves of one name race for a version number.
 _VERSION_ATTEMPTS = 20
 
@@ -140,7 +144,40 @@ def check_manifest(manifest: Any) -> dict[str, Any]:
         raise ValueError("a pickle-oob-1 manifest starts with its pickle part")
     if total != size:
         raise ValueError(f"manifest size {size} is not the sum of its parts' sizes ({total})")
+    if fmt == "variables-1":
+        _check_variables(manifest.get("variables"), parts)
     return manifest
+
+
+def _check_variables(variables: Any, parts: list[dict[str, Any]]) -> None:
+    """A variables-1 manifest's index: each variable is a slice of the pack (part 0) or a
+    pickle part followed by its buffer parts."""
+    if not isinstance(variables, list):
+        raise ValueError("a variables-1 manifest needs a list of variables")
+    for i, variable in enumerate(variables):
+        if not isinstance(variable, dict) or not isinstance(variable.get("name"), str):
+            raise ValueError(f"manifest variable {i} needs a name")
+        if "pack" in variable:
+            span = variable["pack"]
+            ok = (
+                parts
+                and parts[0]["role"] == "pack"
+                and isinstance(span, list)
+                and len(span) == 2
+                and all(isinstance(n, int) and n >= 0 for n in span)
+                and span[0] + span[1] <= parts[0]["size"]
+            )
+        else:
+            indices = variable.get("parts")
+            ok = (
+                isinstance(indices, list)
+                and bool(indices)
+                and all(isinstance(n, int) and 0 <= n < len(parts) for n in indices)
+                and parts[indices[0]]["role"] == "pickle"
+                and all(parts[n]["role"] == "buffer" for n in indices[1:])
+            )
+        if not ok:
+            raise ValueError(f"manifest variable {i} ({variable['name']!r}) has a bad layout")
 
 
 def manifest_chunks(manifest: dict[str, Any]) -> list[str]:
