@@ -16,6 +16,7 @@ from traitlets import Enum, Float, Int, Unicode, Union, default, validate
 
 from dash_gateway.auth import DashIdentityProvider
 from dash_gateway.cluster import ClusterSupervisor
+from dash_gateway.events import EventsHandler, OverviewHandler
 from dash_gateway.handlers import ClusterHandler, StatusHandler
 from dash_gateway.machines import (
     AgentCertificateHandler,
@@ -29,6 +30,8 @@ from dash_gateway.machines import (
     WorkerOptions,
     WorkersHandler,
 )
+from dash_gateway.overview import OverviewService
+from dash_gateway.pages import page_handlers
 from dash_gateway.registry import MAX_INVITE_LIFETIME, Registry
 from dash_gateway.storage import StorageService, storage_handlers
 from dash_kernel._version import __version__
@@ -270,6 +273,9 @@ class DashGateway(ExtensionApp):
     def initialize_handlers(self) -> None:
         cluster = {"cluster": self.cluster}
         machines = {**cluster, "registry": self.registry, "options": self.worker_options()}
+        self.overview = OverviewService(
+            self.cluster, self.registry, self.worker_options(), self.storage
+        )
         name = r"(?P<name>[^/]+)"
         self.handlers.extend(
             [
@@ -291,6 +297,10 @@ class DashGateway(ExtensionApp):
                 (r"/dash/api/agent/drain", AgentDrainHandler, machines),
                 # Jupyter login or a storage token (tasks and workers acting for a user).
                 *storage_handlers(self.storage),
+                (r"/dash/api/overview", OverviewHandler, {**cluster, "overview": self.overview}),
+                (r"/dash/api/events", EventsHandler, {"overview": self.overview}),
+                # The dashboard and contribute pages (Jupyter login; else the login page).
+                *page_handlers(),
             ]
         )
 
@@ -340,6 +350,10 @@ class DashGateway(ExtensionApp):
             signal.signal(signal.SIGINT, serverapp._signal_stop)
 
     async def stop_extension(self) -> None:
+        overview = getattr(self, "overview", None)
+        if overview is not None:
+            # Event streams end with a close frame (1001, going away), not a dropped socket.
+            await overview.close()
         cluster = getattr(self, "cluster", None)
         if cluster is not None:
             await cluster.stop()

@@ -409,6 +409,18 @@ class ClusterSupervisor:
             raise RuntimeError(f"unexpected dash_workers reply: {type(rows).__name__}")
         return rows
 
+    async def dash_work(self) -> dict[str, Any]:
+        """Every user's sessions and work (the scheduler plugin's ``dash_work``); {} while
+        no scheduler is known."""
+        if not self.scheduler_address:
+            return {}
+        reply = await call_scheduler(
+            self.scheduler_address, self._gateway_connection_args(), "dash_work"
+        )
+        if not isinstance(reply, dict):
+            raise RuntimeError(f"unexpected dash_work reply: {type(reply).__name__}")
+        return reply
+
     def client_credentials(self, username: str) -> Credentials:
         """A fresh short-lived client certificate for a user's kernel."""
         assert self.ca is not None, "the cluster is not started"

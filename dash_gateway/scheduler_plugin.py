@@ -11,7 +11,9 @@ Loaded by :mod:`dash_gateway.scheduler_process`, never by the gateway itself. It
 - **GPU slots.** Work that asks for no GPU is restricted to CPU workers
   (:func:`dash_kernel.resources.placement_restrictions`).
 
-It also answers ``dash_workers``: plain data about each worker for the gateway.
+It also answers ``dash_workers``: plain data about each worker for the gateway, and
+``dash_work``: each user's remote sessions and other work, the user being the name in the
+client certificate (``OU=client, CN=<user>``) of the client that submitted it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,16 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.5
 _UNSCHEDULED = ("released", "waiting", "no-worker", "queued")
+SESSION_PREFIX = "dash-session-"
+# The certificate the gateway calls the scheduler with (role, name): a reserved user name.
+GATEWAY_PEER = ("client", "dash-gateway")
+# Scheduler task states as the dashboard counts them.
+_WORK_STATES = {
+    "memory": "done",
+    "processing": "running",
+    "erred": "erred",
+    **dict.fromkeys(_UNSCHEDULED, "queued"),
+}
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,9 @@ class DashSchedulerPlugin(SchedulerPlugin):
         self._names: dict[str, str] = {}  # address -> worker name
         self._held: set[str] = set()
         self._callback: PeriodicCallback | None = None
+        self._client_users: dict[str, str] = {}  # client id -> user in its certificate
+        self._owners: dict[Any, str] = {}  # task key -> user whose client submitted it
+        self._session_started: dict[str, float] = {}  # session task key -> start time
 
     def install(self, scheduler: Any) -> None:
         """Take over worker registration; call before the scheduler listens."""
@@ -102,6 +117,7 @@ class DashSchedulerPlugin(SchedulerPlugin):
         self._add_worker = scheduler.handlers["register-worker"]
         scheduler.handlers["register-worker"] = self._register_worker
         scheduler.handlers["dash_workers"] = self.dash_workers
+        scheduler.handlers["dash_work"] = self.dash_work
 
     async def start(self, scheduler: Any) -> None:
         self.install(scheduler)
@@ -185,6 +201,11 @@ class DashSchedulerPlugin(SchedulerPlugin):
     # ----- placement -------------------------------------------------------------------
 
     def update_graph(self, scheduler: Any, *, tasks: Iterable[Any] = (), **kwargs: Any) -> None:
+        tasks = list(tasks)
+        user = self.client_user(kwargs.get("client"))
+        if user is not None:
+            for key in tasks:
+                self._owners.setdefault(key, user)
         # Called before the new tasks are transitioned, so the restriction decides placement.
         for key in tasks:
             ts = scheduler.tasks.get(key)
@@ -194,7 +215,88 @@ class DashSchedulerPlugin(SchedulerPlugin):
             if restrictions != (ts.resource_restrictions or {}):
                 ts.resource_restrictions = restrictions
 
+    # ----- owners ----------------------------------------------------------------------
+
+    def client_user(self, client: Any) -> str | None:
+        """The user named in client ``client``'s certificate, or None if it has none."""
+        if not isinstance(client, str):
+            return None
+        user = self._client_users.get(client)
+        if user is None:
+            batched = self.scheduler.client_comms.get(client)
+            peer = peer_identity(getattr(batched, "comm", None))
+            if peer is None or peer.role != "client" or not peer.name:
+                return None
+            user = self._client_users[client] = peer.name
+        return user
+
+    def remove_client(self, scheduler: Any, client: str) -> None:
+        self._client_users.pop(client, None)
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if finish == "forgotten":
+            self._owners.pop(key, None)
+            self._session_started.pop(key, None)
+        elif finish == "processing" and isinstance(key, str) and key.startswith(SESSION_PREFIX):
+            self._session_started[key] = time()
+
+    def owner(self, ts: Any) -> str | None:
+        """Who submitted task ``ts``: recorded at submission, else a client that wants it."""
+        user = self._owners.get(ts.key)
+        if user is None:
+            for client in ts.who_wants or ():
+                user = self.client_user(client.client_key)
+                if user is not None:
+                    break
+        return user
+
     # ----- queries ---------------------------------------------------------------------
+
+    def dash_work(self, comm: Any = None) -> dict[str, list[dict[str, Any]]]:
+        """Every user's remote sessions and other work (grouped by Dask task group), as
+        plain data for the gateway, which shows each user only their own."""
+        peer = peer_identity(comm) if comm is not None else None
+        if comm is not None and (peer is None or (peer.role, peer.name) != GATEWAY_PEER):
+            # Users' clients reach the scheduler too: everyone's work is for the gateway only.
+            raise PermissionError("dash_work answers only the DASH gateway")
+        sessions: list[dict[str, Any]] = []
+        groups: dict[tuple[str | None, str], dict[str, Any]] = {}
+        for key, ts in self.scheduler.tasks.items():
+            state = _WORK_STATES.get(ts.state)
+            if state is None:
+                continue
+            user = self.owner(ts)
+            if isinstance(key, str) and key.startswith(SESSION_PREFIX):
+                if state in ("running", "queued"):
+                    sessions.append(self._session_row(key, ts, user, state))
+                continue
+            name = str(ts.group.name)
+            row = groups.get((user, name))
+            if row is None:
+                row = groups[(user, name)] = {
+                    "name": name,
+                    "prefix": str(ts.prefix.name),
+                    "user": user,
+                    "total": 0,
+                    **dict.fromkeys(("done", "running", "queued", "erred"), 0),
+                }
+            row[state] += 1
+            row["total"] += 1
+        work = sorted(groups.values(), key=lambda r: (str(r["user"]), r["name"]))
+        return {"sessions": sorted(sessions, key=lambda r: r["id"]), "work": work}
+
+    def _session_row(self, key: str, ts: Any, user: str | None, state: str) -> dict[str, Any]:
+        ws = ts.processing_on if state == "running" else None
+        peer = self.identities.get(ws.name) if ws is not None else None
+        return {
+            "id": key[len(SESSION_PREFIX) :],
+            "user": user,
+            "worker": str(ws.name) if ws is not None else None,
+            "machine": peer.name if peer else None,
+            "resources": dict(ts.resource_restrictions or {}),
+            "state": state,
+            "started": self._session_started.get(key) if ws is not None else None,
+        }
 
     def dash_workers(self) -> list[dict[str, Any]]:
         """Plain data about every worker (no pickles), for the gateway."""

@@ -242,6 +242,12 @@ class StorageService:
         The key is built here from the caller's own name and a checked hash: never another's."""
         return self.backend.presign(method, chunk_key(user, sha), PRESIGN_LIFETIME)
 
+    def usage(self, user: str) -> dict[str, int]:
+        """``user``'s stored objects: how many, and the bytes of their latest versions
+        (blocking: lists the backend; call it through :meth:`run`)."""
+        objects = self.transport(user).list_objects()
+        return {"objects": len(objects), "bytes": sum(int(o.get("size") or 0) for o in objects)}
+
     def user_for_token(self, token: str) -> str:
         user = self.tokens.verify(token)
         if user != OPERATOR and self.registry is not None and self.registry.get_user(user) is None:

@@ -21,6 +21,9 @@ from typing import Any
 import psutil
 import pytest
 
+# Headless Chromium for the browser tests (the ``browser`` fixture; helpers in browser.py).
+pytest_plugins = ("browser",)
+
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 CLI_TIMEOUT = 120.0

@@ -1,0 +1,93 @@
+// The contribute page: create an invite, copy its join command, follow one's own machines.
+import {
+  announce, api, connectionIndicator, followOverview, formatAgo, formatBytes, h,
+  machineActions, machineShares, mayAct, redraw, showError, stateBadge, user, utilisationText,
+} from "./dash.js";
+
+const $ = (id) => document.getElementById(id);
+
+async function createInvite() {
+  const button = $("create-invite");
+  button.disabled = true;
+  try {
+    const invite = await api("POST", "dash/api/invites", {});
+    $("join-command").value = invite.command;
+    $("invite-expiry").textContent =
+      `Works once, until ${new Date(invite.expires).toLocaleString()}. Keep it private: it lets a machine join as yours.`;
+    $("invite").hidden = false;
+    $("join-command").focus();
+    $("join-command").select();
+    showError("");
+    announce("Invite created: copy the command and run it on your machine.");
+  } catch (err) {
+    showError(`Could not create an invite: ${err.message}`);
+  } finally {
+    button.disabled = false;
+    button.textContent = "Create another invite";
+  }
+}
+
+async function copyCommand() {
+  const field = $("join-command");
+  field.select();
+  try {
+    await navigator.clipboard.writeText(field.value);
+  } catch {
+    // Without the asynchronous clipboard (an insecure origin), the selection is copied.
+    if (!document.execCommand("copy")) {
+      announce("Copy failed: select the command and copy it yourself.");
+      return;
+    }
+  }
+  announce("Command copied.");
+}
+
+function sharesText(machine) {
+  const s = machineShares(machine);
+  const parts = [`${s.cpus ?? "?"} CPU${s.cpus === 1 ? "" : "s"}`, formatBytes(s.memory)];
+  for (const gpu of s.gpus) parts.push(`${gpu.name} (${formatBytes(gpu.vram)})`);
+  return parts.join(" · ");
+}
+
+function activity(machine, sessions) {
+  const workers = machine.workers || [];
+  const mine = sessions.filter((s) => s.machine === machine.name);
+  const lines = [`${machine.current_work ?? 0} task(s) running`];
+  if (mine.length) lines.push(`${mine.length} session(s)`);
+  return h("div", {},
+    lines.join(" · "),
+    h("span", { class: "sub" }, workers.length
+      ? workers.map((w) => `${w.name}: ${w.status ?? "?"}, ${w.processing} running`).join("; ")
+      : "no workers connected"));
+}
+
+function machineRow(machine, sessions) {
+  return h("tr", { dataset: { machine: machine.name } },
+    h("th", { scope: "row" }, machine.name),
+    h("td", {}, stateBadge(machine.state)),
+    h("td", {}, sharesText(machine)),
+    h("td", {}, utilisationText(machine)),
+    h("td", {}, activity(machine, sessions)),
+    h("td", {}, formatAgo(machine.last_heartbeat)),
+    h("td", {}, mayAct(machine) ? machineActions(machine) : ""),
+  );
+}
+
+let seen = null;
+
+function render(overview) {
+  const machines = (overview.workers || [])
+    .filter((m) => !m.local && m.owner === user && m.state !== "removed");
+  if (seen !== null) {
+    for (const m of machines) if (!seen.has(m.name)) announce(`Machine ${m.name} joined.`);
+  }
+  seen = new Set(machines.map((m) => m.name));
+  redraw($("machines").querySelector("tbody"),
+    machines.map((m) => machineRow(m, overview.sessions || [])));
+  $("machines").hidden = machines.length === 0;
+  $("machines-empty").hidden = machines.length > 0;
+}
+
+$("create-invite").addEventListener("click", createInvite);
+$("copy-command").addEventListener("click", copyCommand);
+followOverview(render, connectionIndicator($("connection")));
