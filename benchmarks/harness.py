@@ -37,6 +37,7 @@ IDS = (
     "frames",
     "transfer",
     "storage",
+    "restore",
     "startup",
     "join",
     "gpu_slots",
@@ -140,7 +141,7 @@ def _round(value: Any) -> Any:
 
 def all_benchmarks() -> list[Benchmark]:
     """Every comparison, in report order."""
-    from . import contributed, fanout, frames, kernel, magic, storage, transfer
+    from . import checkpoints, contributed, fanout, frames, kernel, magic, storage, transfer
 
     found = [
         kernel.CELL_ROUNDTRIP,
@@ -150,6 +151,7 @@ def all_benchmarks() -> list[Benchmark]:
         frames.FRAMES,
         transfer.TRANSFER,
         storage.STORAGE,
+        checkpoints.RESTORE,
         kernel.STARTUP,
         contributed.JOIN,
         contributed.GPU_SLOTS,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -194,6 +195,19 @@ class DashGateway(ExtensionApp):
             raise ValueError("storage_url s3://bucket/prefix needs a bucket")
         return url
 
+    storage_gc_interval = Float(
+        6 * 3600.0,
+        help="Seconds between collections of stored chunks that no object version refers "
+        "to any more (left by dk.rm, pruned checkpoints and overwritten data); 0: never "
+        "(POST /dash/api/storage/gc still collects on demand).",
+    ).tag(config=True)
+
+    storage_gc_grace = Float(
+        3600.0,
+        help="Unreferenced chunks younger than this many seconds are kept: a save uploads "
+        "its chunks before it records the version that names them.",
+    ).tag(config=True)
+
     worker_heartbeat_interval = Float(
         2.0, help="Seconds between the heartbeats of a contributed machine's agent."
     ).tag(config=True)
@@ -296,7 +310,7 @@ class DashGateway(ExtensionApp):
                 (r"/dash/api/agent/certificate", AgentCertificateHandler, machines),
                 (r"/dash/api/agent/drain", AgentDrainHandler, machines),
                 # Jupyter login or a storage token (tasks and workers acting for a user).
-                *storage_handlers(self.storage),
+                *storage_handlers(self.storage, self.storage_gc_grace),
                 (r"/dash/api/overview", OverviewHandler, {**cluster, "overview": self.overview}),
                 (r"/dash/api/events", EventsHandler, {"overview": self.overview}),
                 # The dashboard and contribute pages (Jupyter login; else the login page).
@@ -342,6 +356,21 @@ class DashGateway(ExtensionApp):
             self.storage.description["location"] if hasattr(self, "storage") else "(none)",
         )
         self.cluster.start()
+        if self.storage_gc_interval > 0:
+            self._storage_gc = asyncio.create_task(self._collect_garbage_periodically())
+
+    async def _collect_garbage_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.storage_gc_interval)
+            try:
+                report = await self.storage.collect_garbage(self.storage_gc_grace)
+            except Exception:
+                self.log.exception("Collecting unused storage chunks failed; trying again later")
+                continue
+            freed = sum(r["bytes_freed"] for r in report.values())
+            deleted = sum(r["deleted"] for r in report.values())
+            if deleted:
+                self.log.info("Storage: deleted %d unused chunks (%d bytes)", deleted, freed)
 
     def _install_sigint_stop(self, serverapp: ServerApp) -> None:
         # Without a terminal, the server leaves SIGINT as KeyboardInterrupt, which stops the
@@ -350,6 +379,9 @@ class DashGateway(ExtensionApp):
             signal.signal(signal.SIGINT, serverapp._signal_stop)
 
     async def stop_extension(self) -> None:
+        collector = getattr(self, "_storage_gc", None)
+        if collector is not None:
+            collector.cancel()
         overview = getattr(self, "overview", None)
         if overview is not None:
             # Event streams end with a close frame (1001, going away), not a dropped socket.

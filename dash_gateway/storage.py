@@ -22,11 +22,11 @@ from typing import Any, TypeVar
 
 from tornado import web
 
-from dash_gateway.auth import username
+from dash_gateway.auth import is_operator, username
 from dash_gateway.handlers import AUTH_NEEDED, AUTH_RESOURCE, JSONAPIHandler, http_error
 from dash_gateway.registry import OPERATOR, Registry, iso
 from dash_kernel.storage.backends import Backend, NotFound, StorageError, describe, open_backend
-from dash_kernel.storage.transport import DirectTransport, chunk_key
+from dash_kernel.storage.transport import ChunksMissing, DirectTransport, chunk_key
 from dash_kernel.storage.transport import check_name as transport_check_name
 from dash_kernel.storage.transport import check_sha as transport_check_sha
 
@@ -188,6 +188,45 @@ def client_manifest(body: dict[str, Any], name: str, user: str) -> dict[str, Any
     return manifest
 
 
+class SweepGate:
+    """Per user, manifest commits run side by side and a garbage sweep runs alone: it waits
+    for the commits in flight, and new ones wait for it. So no manifest can name a chunk
+    between the sweep's reading of the manifests and its deleting of unnamed chunks."""
+
+    def __init__(self) -> None:
+        self._condition = asyncio.Condition()
+        self._commits: dict[str, int] = {}
+        self._sweeping: set[str] = set()
+
+    @contextlib.asynccontextmanager
+    async def commit(self, user: str) -> AsyncIterator[None]:
+        async with self._condition:
+            await self._condition.wait_for(lambda: user not in self._sweeping)
+            self._commits[user] = self._commits.get(user, 0) + 1
+        try:
+            yield
+        finally:
+            async with self._condition:
+                self._commits[user] -= 1
+                if not self._commits[user]:
+                    del self._commits[user]
+                self._condition.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def sweep(self, user: str) -> AsyncIterator[None]:
+        async with self._condition:
+            await self._condition.wait_for(lambda: user not in self._sweeping)
+            # Claimed first, so new commits wait behind the sweep instead of starving it.
+            self._sweeping.add(user)
+            await self._condition.wait_for(lambda: not self._commits.get(user))
+        try:
+            yield
+        finally:
+            async with self._condition:
+                self._sweeping.discard(user)
+                self._condition.notify_all()
+
+
 class StorageService:
     """The gateway's storage: one backend, a transport per user, the token key, a thread pool
     for the backend's blocking calls."""
@@ -211,6 +250,7 @@ class StorageService:
         self._transports: dict[str, DirectTransport] = {}
         # (user, name) -> [lock, holders and waiters]; dropped when nobody uses it.
         self._manifest_locks: dict[tuple[str, str], list[Any]] = {}
+        self.gate = SweepGate()
 
     def transport(self, user: str) -> DirectTransport:
         """``user``'s namespace (kept: each has a thread pool for parallel backend calls)."""
@@ -253,6 +293,20 @@ class StorageService:
         if user != OPERATOR and self.registry is not None and self.registry.get_user(user) is None:
             raise TokenError(f"this storage token's account {user!r} no longer exists")
         return user
+
+    def storage_users(self) -> list[str]:
+        """Everyone who may have objects: the operator and each account."""
+        accounts = [u.name for u in self.registry.list_users()] if self.registry else []
+        return [OPERATOR, *accounts]
+
+    async def collect_garbage(self, older_than: float) -> dict[str, dict[str, int]]:
+        """Delete every user's chunks that no object version refers to and that are older
+        than ``older_than`` seconds; what was deleted, by user."""
+        report = {}
+        for user in self.storage_users():
+            async with self.gate.sweep(user):
+                report[user] = await self.run(self.transport(user).collect_garbage, older_than)
+        return report
 
     def close(self) -> None:
         for transport in self._transports.values():
@@ -427,16 +481,19 @@ class ObjectHandler(StorageHandler):
         manifest = client_manifest(self.json_body(), name, self.user)
         transport = self.transport()
         try:
-            async with self.storage.manifest_lock(self.user, name):
+            async with (
+                self.storage.gate.commit(self.user),
+                self.storage.manifest_lock(self.user, name),
+            ):
                 stored = await self.storage.run(transport.put_manifest, manifest)
         except ValueError as exc:
             raise http_error(400, str(exc)) from None
         except NotFound as exc:
             raise http_error(400, str(exc)) from None
+        except ChunksMissing as exc:
+            # Not uploaded, or collected since the client asked: it uploads them and retries.
+            raise http_error(409, str(exc)) from None
         except StorageError as exc:
-            # "chunk <sha> was not uploaded" is the client's mistake; anything else, ours.
-            if str(exc).startswith("chunk "):
-                raise http_error(400, str(exc)) from None
             log.warning("Storage failed for %s: %s", self.user, exc)
             raise http_error(502, f"the storage backend failed: {exc}") from None
         log.info("%s saved %s version %s", self.user, name, stored.get("version"))
@@ -574,7 +631,34 @@ class ChunkHandler(StorageHandler):
         self.finish(data)
 
 
-def storage_handlers(storage: StorageService) -> list[tuple[str, type, dict[str, Any]]]:
+class GarbageHandler(StorageHandler):
+    """``POST /dash/api/storage/gc``: collect unused chunks now (the operator only);
+    body ``{"older_than": seconds}`` (default: the gateway's ``storage_gc_grace``)."""
+
+    accepts_storage_token = False
+
+    def initialize(self, storage: StorageService, grace: float = 3600.0) -> None:  # type: ignore[override]
+        super().initialize(storage)
+        self.grace = grace
+
+    @allow_unauthenticated
+    async def post(self) -> None:
+        if not is_operator(self):
+            raise http_error(403, "only the operator collects the storage's garbage")
+        older_than = self.json_body().get("older_than", self.grace)
+        if (
+            not isinstance(older_than, (int, float))
+            or isinstance(older_than, bool)
+            or older_than < 0
+        ):
+            raise http_error(400, "older_than must be a number of seconds, 0 or more")
+        report = await self.storage.collect_garbage(float(older_than))
+        self.write_json({"older_than": older_than, "users": report})
+
+
+def storage_handlers(
+    storage: StorageService, gc_grace: float = 3600.0
+) -> list[tuple[str, type, dict[str, Any]]]:
     """The storage API's routes, for ``DashGateway.initialize_handlers``."""
     kwargs = {"storage": storage}
     name = r"(?P<name>.+)"
@@ -588,4 +672,5 @@ def storage_handlers(storage: StorageService) -> list[tuple[str, type, dict[str,
         (rf"{base}/chunks/missing", MissingChunksHandler, kwargs),
         (rf"{base}/chunks/download", DownloadChunksHandler, kwargs),
         (rf"{base}/chunks/(?P<sha>[^/]+)", ChunkHandler, kwargs),
+        (rf"{base}/gc", GarbageHandler, {**kwargs, "grace": gc_grace}),
     ]

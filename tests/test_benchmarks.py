@@ -19,6 +19,7 @@ IDS = {
     "frames",
     "transfer",
     "storage",
+    "restore",
     "startup",
     "join",
     "gpu_slots",
@@ -75,7 +76,7 @@ def test_quick_run_writes_a_valid_report(tmp_path):
             assert abs(row["ratio"] - row["dash"] / row["baseline"]) < 1e-3 * row["ratio"], row
     for name in SELECTED:
         assert not rows[name].get("missing"), rows[name]
-    for name in ("cell_roundtrip", "storage", "startup"):
+    for name in ("cell_roundtrip", "storage", "restore", "startup"):
         assert rows[name]["missing"], name
     magic = rows["magic_roundtrip"]
     assert magic["dash_p95"] >= magic["dash"] and magic["baseline_p95"] >= magic["baseline"]

@@ -22,9 +22,10 @@ import requests
 from conftest import Gateway, free_port, launch_gateway
 
 from dash_kernel.errors import GatewayError
-from dash_kernel.storage.backends import LocalBackend, NotFound, S3Backend, StorageError
+from dash_kernel.storage.backends import LocalBackend, NotFound, S3Backend
+from dash_kernel.storage.client import StorageClient
 from dash_kernel.storage.gateway_transport import STORAGE_TOKEN_HEADER, GatewayTransport
-from dash_kernel.storage.transport import DirectTransport
+from dash_kernel.storage.transport import ChunksMissing, DirectTransport
 
 BUCKET = "dash-storage-test"
 PREFIX = "team/dash"
@@ -259,8 +260,8 @@ def test_a_manifest_with_a_missing_chunk_is_refused(storage: Storage) -> None:
     manifest = manifest_for("broken", [b"x"], 1)
     manifest["parts"][0]["chunks"] = [absent]
     code, body = storage.call("alice", "POST", "dash/api/storage/objects/broken", manifest)
-    assert code == 400 and body["message"] == f"chunk {absent} was not uploaded", body
-    with pytest.raises(StorageError, match=f"chunk {absent} was not uploaded"):
+    assert code == 409 and body["message"] == f"chunk {absent} was not uploaded", body
+    with pytest.raises(ChunksMissing, match=f"chunk {absent} was not uploaded"):
         storage.transport("alice").put_manifest(manifest)
 
     cases = {
@@ -339,7 +340,7 @@ def test_a_user_cannot_reach_another_users_objects(storage: Storage) -> None:
     forged = manifest_for("private/notes", [secret], 4096)
     forged["user"] = "alice"
     code, body = storage.call("bob", "POST", "dash/api/storage/objects/private/notes", forged)
-    assert code == 400 and "was not uploaded" in body["message"], body
+    assert code == 409 and "was not uploaded" in body["message"], body
     code, body = storage.call(
         "bob", "GET", "dash/api/storage/objects/users/alice/objects/private/notes"
     )
@@ -543,6 +544,69 @@ def test_presigned_urls_are_for_the_callers_keys_only(storage: Storage) -> None:
 
 
 # ----- restarts ------------------------------------------------------------------------------
+
+
+# ----- garbage ------------------------------------------------------------------------------
+
+
+def test_garbage_collection_deletes_only_chunks_no_version_names(storage: Storage) -> None:
+    kept, shared, dropped = os.urandom(1000), os.urandom(2000), os.urandom(3000)
+    save(storage, "alice", "gc/kept", [kept, shared])
+    save(storage, "alice", "gc/dropped", [shared, dropped])
+    save(storage, "bob", "gc/bobs", [dropped])  # bob's own copy: chunks are per user
+    storage.transport("alice").delete("gc/dropped")
+
+    code, body = storage.call("alice", "POST", "dash/api/storage/gc", {"older_than": 0})
+    assert code == 403 and "only the operator" in body["message"], body
+    code, body = storage.gw.call("POST", "dash/api/storage/gc", {"older_than": "now"})
+    assert code == 400 and "older_than" in body["message"], body
+
+    def alice_chunks() -> set[str]:
+        return {k.rpartition("/")[2] for k in storage.stored_keys("users/alice/chunks/")}
+
+    # Young unreferenced chunks stay: a save may be about to name them.
+    code, body = storage.gw.call("POST", "dash/api/storage/gc", {"older_than": 3600})
+    assert code == 200 and sha(dropped) in alice_chunks(), body
+    code, body = storage.gw.call("POST", "dash/api/storage/gc", {"older_than": 0})
+    assert code == 200 and body["users"]["alice"]["bytes_freed"] >= len(dropped), body
+    assert sha(dropped) not in alice_chunks()
+    assert {sha(kept), sha(shared)} <= alice_chunks()
+    assert sha(dropped) in {k.rpartition("/")[2] for k in storage.stored_keys("users/bob/")}
+    client = StorageClient(storage.transport("alice"), None, progress=False)
+    assert client.transport.get_manifest("gc/kept")["version"] == 1
+    assert dict(client.transport.get_chunks([sha(kept)])) == {sha(kept): kept}
+
+
+class CollectedWhileSaving:
+    """Alice's transport, with the operator's sweep run right after the client learns which
+    chunks storage already holds: the race a save can lose to garbage collection."""
+
+    def __init__(self, storage: Storage):
+        self.inner = storage.transport("alice")
+        self.gw = storage.gw
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def missing_chunks(self, hashes: Any) -> list[str]:
+        missing = self.inner.missing_chunks(hashes)
+        code, body = self.gw.call("POST", "dash/api/storage/gc", {"older_than": 0})
+        assert code == 200, body
+        return missing
+
+
+def test_a_save_whose_chunks_were_collected_meanwhile_uploads_them_again(
+    storage: Storage,
+) -> None:
+    value = os.urandom(3 * MiB)
+    plain = StorageClient(storage.transport("alice"), None, chunk_size=MiB, progress=False)
+    plain.save("gc/victim", value)
+    plain.rm("gc/victim")  # its chunks are still stored, named by nothing
+
+    racing = StorageClient(CollectedWhileSaving(storage), None, chunk_size=MiB, progress=False)
+    record = racing.save("gc/victim", value)
+    assert record.uploaded_bytes >= len(value)  # sent again after the sweep took them
+    assert plain.load("gc/victim") == value
 
 
 def test_objects_and_tokens_survive_a_restart(gateway_factory: Any, tmp_path: Path) -> None:

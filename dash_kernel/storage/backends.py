@@ -84,6 +84,9 @@ class Backend(Protocol):
         """Every key that starts with ``prefix`` (a plain string prefix, not only whole
         segments), sorted."""
 
+    def list_details(self, prefix: str) -> Iterator[tuple[str, int, float]]:
+        """``(key, size, modified as a Unix time)`` for every key :meth:`list` gives."""
+
     def presign(self, method: str, key: str, expires_s: int) -> str | None:
         """A URL through which anyone holding it can ``GET`` or ``PUT`` ``key`` until it
         expires; None where the backend has no such thing (local directories)."""
@@ -163,6 +166,12 @@ class LocalBackend:
                 if not f.startswith(_TEMP_PREFIX) and (rel + f).startswith(prefix)
             )
         return iter(sorted(keys))
+
+    def list_details(self, prefix: str) -> Iterator[tuple[str, int, float]]:
+        for key in self.list(prefix):
+            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                st = self._path(key).stat()
+                yield key, st.st_size, st.st_mtime
 
     def presign(self, method: str, key: str, expires_s: int) -> str | None:
         return None
@@ -368,16 +377,26 @@ class S3Backend:
                 raise error from None
 
     def list(self, prefix: str) -> Iterator[str]:
+        return (key for key, _, _ in self.list_details(prefix))
+
+    def list_details(self, prefix: str) -> Iterator[tuple[str, int, float]]:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        keys = []
+        found = []
         try:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
-                keys.extend(item["Key"][len(self.prefix) :] for item in page.get("Contents", ()))
+                found.extend(
+                    (
+                        item["Key"][len(self.prefix) :],
+                        int(item.get("Size", 0)),
+                        item["LastModified"].timestamp(),
+                    )
+                    for item in page.get("Contents", ())
+                )
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, prefix, "list") from None
-        return iter(sorted(keys))
+        return iter(sorted(found))
 
     def presign(self, method: str, key: str, expires_s: int) -> str | None:
         operation = {"GET": "get_object", "PUT": "put_object"}[method.upper()]

@@ -20,6 +20,7 @@ from ..serialize import SerializationError, describe_failure, dumps_oob, loads_o
 from .backends import Data, NotFound, StorageError
 from .cache import ChunkCache, parse_size
 from .transport import (
+    ChunksMissing,
     Transport,
     bounded_map,
     check_name,
@@ -317,17 +318,20 @@ class StorageClient:
         saved = sorted(v["name"] for v in variables)
         if digest == unless_digest:
             return VariablesRecord(name, None, saved, failures, size, uploaded, digest)
-        stored = self._commit(
+        stored, again = self._commit(
             name,
+            sources,
+            parts,
             "variables-1",
             "variables",
-            parts,
             metadata,
             variables=variables,
             unsaved=failures,
             digest=digest,
         )
-        return VariablesRecord(name, stored["version"], saved, failures, size, uploaded, digest)
+        return VariablesRecord(
+            name, stored["version"], saved, failures, size, uploaded + again, digest
+        )
 
     def _store(
         self,
@@ -339,8 +343,8 @@ class StorageClient:
         **extra: Any,
     ) -> SaveRecord:
         parts, uploaded = self._upload(name, sources)
-        stored = self._commit(name, fmt, type_name, parts, metadata, **extra)
-        return SaveRecord.from_manifest(stored, uploaded)
+        stored, again = self._commit(name, sources, parts, fmt, type_name, metadata, **extra)
+        return SaveRecord.from_manifest(stored, uploaded + again)
 
     def _upload(self, name: str, sources: list[_Source]) -> tuple[list[dict[str, Any]], int]:
         """Hash every chunk of ``sources`` and upload those storage does not hold; returns
@@ -394,13 +398,16 @@ class StorageClient:
     def _commit(
         self,
         name: str,
+        sources: list[_Source],
+        parts: list[dict[str, Any]],
         fmt: str,
         type_name: str,
-        parts: list[dict[str, Any]],
         metadata: dict[str, Any],
         **extra: Any,
-    ) -> dict[str, Any]:
-        """Record a manifest for uploaded ``parts`` as the next version; the stored one."""
+    ) -> tuple[dict[str, Any], int]:
+        """Record a manifest for uploaded ``parts`` as the next version; the stored one,
+        and the bytes uploaded again if storage had meanwhile collected some chunks that
+        were there when asked (they are sent once more, and the manifest retried)."""
         manifest = {
             "name": name,
             "size": sum(p["size"] for p in parts),
@@ -413,9 +420,15 @@ class StorageClient:
             **extra,
             "parts": parts,
         }
-        stored = self.transport.put_manifest(manifest)
+        again = 0
+        try:
+            stored = self.transport.put_manifest(manifest)
+        except ChunksMissing as exc:
+            log.info("%s: %s; uploading again", name, exc)
+            manifest["parts"], again = self._upload(name, sources)
+            stored = self.transport.put_manifest(manifest)
         log.info("saved %s version %s (%d bytes)", name, stored["version"], manifest["size"])
-        return stored
+        return stored, again
 
     # loading
 

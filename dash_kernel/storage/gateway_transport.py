@@ -19,7 +19,7 @@ from requests.adapters import HTTPAdapter
 
 from ..errors import GatewayError
 from .backends import Data, NotFound, StorageError
-from .transport import bounded_map, check_name, check_sha, default_threads
+from .transport import ChunksMissing, bounded_map, check_name, check_sha, default_threads
 
 __all__ = ["STORAGE_TOKEN_HEADER", "GatewayTransport"]
 
@@ -197,6 +197,8 @@ class GatewayTransport:
             raise NotFound(_message(response))
         if response.status_code in (401, 403):
             raise self._refused(what, response)
+        if response.status_code == 409:
+            raise ChunksMissing([], _message(response))
         raise StorageError(
             f"the DASH gateway at {self.url} answered HTTP {response.status_code} for "
             f"{what}: {_message(response)}"

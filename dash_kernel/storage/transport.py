@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -15,6 +16,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 from .backends import AlreadyExists, Backend, Data, NotFound, StorageError
 
 __all__ = [
+    "ChunksMissing",
     "DirectTransport",
     "Transport",
     "bounded_map",
@@ -60,6 +62,18 @@ def check_name(name: str) -> str:
     if any(_VERSION_FILE.match(part) for part in name.split("/")):
         raise ValueError(f"invalid object name {name!r}: a part may not look like 0000000001.json")
     return name
+
+
+class ChunksMissing(StorageError):
+    """A manifest names chunks storage does not hold: never uploaded, or collected as
+    garbage after the client found them present. Uploading them again fixes it."""
+
+    def __init__(self, hashes: list[str], message: str | None = None):
+        self.hashes = list(hashes)
+        if message is None:
+            more = f" (and {len(hashes) - 1} more)" if len(hashes) > 1 else ""
+            message = f"chunk {hashes[0]} was not uploaded{more}"
+        super().__init__(message)
 
 
 def check_user(user: str) -> str:
@@ -334,7 +348,7 @@ class DirectTransport:
         manifest.pop("version", None)
         missing = self.missing_chunks(manifest_chunks(manifest))
         if missing:
-            raise StorageError(f"chunk {missing[0]} was not uploaded")
+            raise ChunksMissing(missing)
         name = manifest["name"]
         manifest["user"] = self.user
         manifest.setdefault("metadata", {})
@@ -422,6 +436,48 @@ class DirectTransport:
         for v in targets:
             self.backend.delete(manifest_key(self.user, name, v))
         return targets
+
+    # garbage
+
+    def collect_garbage(self, older_than: float) -> dict[str, int]:
+        """Delete this user's chunks that no manifest refers to and that were stored more
+        than ``older_than`` seconds ago (a save uploads its chunks before its manifest).
+
+        A save that found such a chunk present and commits after it is gone fails with
+        :class:`ChunksMissing` (the storage client then uploads it again): callers keep
+        manifest commits out of the sweep (the gateway does), so none can name a chunk
+        between the reading of the manifests and the deletion.
+        """
+        base = objects_prefix(self.user)
+        keys = [k for k in self.backend.list(base) if _VERSION_FILE.match(k.rpartition("/")[2])]
+
+        def chunks_of(key: str) -> list[str]:
+            try:
+                return manifest_chunks(json.loads(self.backend.get(key)))
+            except NotFound:
+                return []  # deleted meanwhile
+
+        referenced: set[str] = set()
+        for found in bounded_map(self.executor, chunks_of, keys, self.threads):
+            referenced.update(found)
+        cutoff = time.time() - older_than
+        prefix = f"users/{self.user}/chunks/"
+        doomed: list[tuple[str, int]] = []
+        kept = 0
+        for key, size, modified in self.backend.list_details(prefix):
+            if key[len(prefix) :] in referenced or modified > cutoff:
+                kept += 1
+            else:
+                doomed.append((key, size))
+
+        def delete(item: tuple[str, int]) -> int:
+            self.backend.delete(item[0])
+            return item[1]
+
+        freed = sum(bounded_map(self.executor, delete, doomed, self.threads))
+        if doomed:
+            log.info("deleted %d unused chunks (%d bytes) of %s", len(doomed), freed, self.user)
+        return {"deleted": len(doomed), "bytes_freed": freed, "kept": kept}
 
     def __repr__(self) -> str:
         return f"DirectTransport({self.backend!r}, user={self.user!r})"
