@@ -125,6 +125,8 @@ def workers_by_machine(
                     "status": worker.get("status"),
                     "processing": int(worker.get("processing") or 0),
                     "resources": worker.get("resources") or {},
+                    # what finished on it, by kind, most recent first
+                    "ran": list(worker.get("ran") or []),
                 }
             )
     return grouped

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL = 0.5
 _UNSCHEDULED = ("released", "waiting", "no-worker", "queued")
 SESSION_PREFIX = "dash-session-"
+# Task groups remembered per worker (most recent first) for "what ran on my machine".
+RAN_KEPT = 20
 # The certificate the gateway calls the scheduler with (role, name): a reserved user name.
 GATEWAY_PEER = ("client", "dash-gateway")
 # Scheduler task states as the dashboard counts them.
@@ -108,6 +110,8 @@ class DashSchedulerPlugin(SchedulerPlugin):
         self._client_users: dict[str, str] = {}  # client id -> user in its certificate
         self._owners: dict[Any, str] = {}  # task key -> user whose client submitted it
         self._session_started: dict[str, float] = {}  # session task key -> start time
+        # worker name -> task prefix -> {"name", "done", "erred", "last"}, oldest first
+        self._ran: dict[str, dict[str, dict[str, Any]]] = {}
 
     def install(self, scheduler: Any) -> None:
         """Take over worker registration; call before the scheduler listens."""
@@ -239,6 +243,24 @@ class DashSchedulerPlugin(SchedulerPlugin):
             self._session_started.pop(key, None)
         elif finish == "processing" and isinstance(key, str) and key.startswith(SESSION_PREFIX):
             self._session_started[key] = time()
+        elif start == "processing" and finish in ("memory", "erred"):
+            self._record_run(key, finish, kwargs.get("worker"))
+
+    def _record_run(self, key: Any, finish: str, address: Any) -> None:
+        """Count a finished task under its worker, by kind (Dask's task prefix)."""
+        ws = self.scheduler.workers.get(address) if isinstance(address, str) else None
+        ts = self.scheduler.tasks.get(key)
+        if ws is None or ts is None:
+            return
+        session = isinstance(key, str) and key.startswith(SESSION_PREFIX)
+        kind = "session" if session else str(ts.prefix.name)
+        history = self._ran.setdefault(str(ws.name), {})
+        entry = history.pop(kind, None) or {"name": kind, "done": 0, "erred": 0}
+        entry["done" if finish == "memory" else "erred"] += 1
+        entry["last"] = time()
+        history[kind] = entry  # now the most recent
+        while len(history) > RAN_KEPT:
+            history.pop(next(iter(history)))
 
     def owner(self, ts: Any) -> str | None:
         """Who submitted task ``ts``: recorded at submission, else a client that wants it."""
@@ -318,6 +340,7 @@ class DashSchedulerPlugin(SchedulerPlugin):
                         "cpu": ws.metrics.get("cpu"),
                         "memory": ws.metrics.get("memory"),
                     },
+                    "ran": [dict(e) for e in reversed(self._ran.get(str(ws.name), {}).values())],
                 }
             )
         return sorted(rows, key=lambda row: row["name"])

@@ -262,6 +262,15 @@ def test_the_contribute_page_invite_command_works_and_the_machine_can_be_paused(
         row.get_by_role("button", name="Resume box").click()
         expect(row.locator(".state")).to_have_text("active", timeout=PAGE_WITHIN_MS)
         assert gw.machines()["box"]["state"] == "active"
+
+        # What ran on the machine, by kind, as its owner sees it.
+        expect(row.locator(".ran")).to_have_text("nothing has run on it yet")
+        with user_client(gw, gw.token) as client:
+            # a builtin: the scheduler must be able to read the task, as any user's
+            futures = client.map(abs, [-1, -2, -3], workers=["box-cpu"], pure=False)
+            assert client.gather(futures) == [1, 2, 3]
+        expect(row.locator(".ran")).to_contain_text("Ran: abs ×3", timeout=PAGE_WITHIN_MS)
+        screenshot(page, "contribute-machine-ran")
     finally:
         page.context.close()
         if agent is not None:

@@ -49,6 +49,26 @@ function sharesText(machine) {
   return parts.join(" · ");
 }
 
+/** What finished on a machine's workers, by kind: "render ×12, session ×1 · last 2 min ago". */
+function ranText(workers) {
+  const kinds = new Map();
+  for (const w of workers) {
+    for (const r of w.ran || []) {
+      const k = kinds.get(r.name) || { done: 0, erred: 0, last: 0 };
+      k.done += r.done;
+      k.erred += r.erred;
+      k.last = Math.max(k.last, r.last);
+      kinds.set(r.name, k);
+    }
+  }
+  if (!kinds.size) return "nothing has run on it yet";
+  const recent = [...kinds.entries()].sort((a, b) => b[1].last - a[1].last);
+  const listed = recent.slice(0, 5).map(([name, k]) =>
+    `${name} ×${k.done + k.erred}${k.erred ? ` (${k.erred} failed)` : ""}`);
+  const last = new Date(recent[0][1].last * 1000).toISOString();
+  return `Ran: ${listed.join(", ")} · last ${formatAgo(last)}`;
+}
+
 function activity(machine, sessions) {
   const workers = machine.workers || [];
   const mine = sessions.filter((s) => s.machine === machine.name);
@@ -56,6 +76,7 @@ function activity(machine, sessions) {
   if (mine.length) lines.push(`${mine.length} session(s)`);
   return h("div", {},
     lines.join(" · "),
+    h("span", { class: "sub ran" }, ranText(workers)),
     h("span", { class: "sub" }, workers.length
       ? workers.map((w) => `${w.name}: ${w.status ?? "?"}, ${w.processing} running`).join("; ")
       : "no workers connected"));
