@@ -11,6 +11,9 @@ Loaded by :mod:`dash_gateway.scheduler_process`, never by the gateway itself. It
 - **GPU slots.** Work that asks for no GPU is restricted to CPU workers
   (:func:`dash_kernel.resources.placement_restrictions`).
 
+Sessions on a draining machine are told so, on their own event topic, so that their
+notebooks move them (checkpoint and restore) and the drain can end.
+
 It also answers ``dash_workers``: plain data about each worker for the gateway, and
 ``dash_work``: each user's remote sessions and other work, the user being the name in the
 client certificate (``OU=client, CN=<user>``) of the client that submitted it.
@@ -112,6 +115,7 @@ class DashSchedulerPlugin(SchedulerPlugin):
         self._session_started: dict[str, float] = {}  # session task key -> start time
         # worker name -> task prefix -> {"name", "done", "erred", "last"}, oldest first
         self._ran: dict[str, dict[str, dict[str, Any]]] = {}
+        self._asked_to_move: set[str] = set()  # session task keys told their machine drains
 
     def install(self, scheduler: Any) -> None:
         """Take over worker registration; call before the scheduler listens."""
@@ -195,12 +199,28 @@ class DashSchedulerPlugin(SchedulerPlugin):
                     self.scheduler.handle_worker_status_change(
                         Status.paused, ws, stimulus_id=f"dash-hold-{time()}"
                     )
+                if self.policy.machines.get(peer.name) == "draining":
+                    self._ask_sessions_to_move(ws, peer.name)
             elif ws.name in self._held:
                 self._held.discard(ws.name)
                 if ws.status == Status.paused:
                     self.scheduler.handle_worker_status_change(
                         Status.running, ws, stimulus_id=f"dash-release-{time()}"
                     )
+
+    def _ask_sessions_to_move(self, ws: Any, machine: str) -> None:
+        """Tell the notebooks whose sessions run on a draining machine (on the session's
+        own topic, which its DASH kernel follows): it checkpoints and moves the session
+        before its next cell, and the drain can finish."""
+        for ts in ws.processing:
+            key = ts.key
+            session = isinstance(key, str) and key.startswith(SESSION_PREFIX)
+            if session and key not in self._asked_to_move:
+                self._asked_to_move.add(key)
+                log.info("Asking session %s to leave draining machine %s", key, machine)
+                self.scheduler.log_event(
+                    f"{key}-out", {"op": "draining", "worker": str(ws.name), "machine": machine}
+                )
 
     # ----- placement -------------------------------------------------------------------
 
@@ -241,6 +261,7 @@ class DashSchedulerPlugin(SchedulerPlugin):
         if finish == "forgotten":
             self._owners.pop(key, None)
             self._session_started.pop(key, None)
+            self._asked_to_move.discard(key)
         elif finish == "processing" and isinstance(key, str) and key.startswith(SESSION_PREFIX):
             self._session_started[key] = time()
         elif start == "processing" and finish in ("memory", "erred"):

@@ -82,6 +82,9 @@ class DashKernel(IPythonKernel):
         self.last_checkpoint: dict[str, Any] | None = None
         self._checkpoint_problem: str | None = None
         self._checkpoint_task: asyncio.Task[Any] | None = None
+        # Set when the session's machine is draining: (that session, why); the session
+        # moves before the next cell.
+        self._leave: tuple[RemoteSession, str] | None = None
         self.shell.register_magics(DashMagics)
         for msg_type in ("comm_open", "comm_msg", "comm_close"):
             self.shell_handlers[msg_type] = self._relay_comm
@@ -242,6 +245,9 @@ class DashKernel(IPythonKernel):
                 continue
             if event["op"] in ("died", "closed"):
                 return self._fail_waiting(event.get("reason", "the session closed"))
+            if event["op"] == "draining":
+                self._leave = (remote, f"machine {event.get('machine')} is draining")
+                continue
             if event["op"] != "message":
                 continue
             message = decode_message(event["message"])
@@ -354,6 +360,7 @@ class DashKernel(IPythonKernel):
         if store_history and not silent:
             self.shell.execution_count += 1
         self._report_checkpoint_problem()
+        await self._leave_if_asked()
         try:
             if store_history and not silent:
                 await self._align_remote_count()
@@ -529,6 +536,10 @@ class DashKernel(IPythonKernel):
             self.session_spec = spec
             await self._ensure_session()
             return f"The session now runs on {self.remote.describe()}.\n"
+        return await self._move(spec)
+
+    async def _move(self, spec: ResourceSpec) -> str:
+        """Checkpoint the session, end it, start one for ``spec`` and restore it there."""
         # Checkpoint first: if that fails, the session stays where it is, whole.
         try:
             await self._take_checkpoint(self.remote, self.last_checkpoint_cell())
@@ -550,6 +561,22 @@ class DashKernel(IPythonKernel):
                 f"({exc}); %dash restore {self.checkpoint_name} tries again.\n"
             )
         return f"The session moved to {where}. Carried over: {_restore_summary(restored)}\n"
+
+    async def _leave_if_asked(self) -> None:
+        """Before a cell: if the session's machine is draining, move the session (and its
+        variables) elsewhere, so the drain can end; if it cannot move, it stays."""
+        if self._leave is None:
+            return
+        remote, why = self._leave
+        self._leave = None
+        if remote is not self.remote or remote.lost_reason() is not None:
+            return
+        try:
+            moved = await self._move(self.session_spec)
+        except (DashError, SessionLost) as exc:
+            self._say(f"DASH: {why}, but the session could not move ({exc}).\n", "stderr")
+            return
+        self._say(f"DASH: {why}. {moved}", "stderr")
 
     def checkpoint_status(self) -> str:
         """For ``%dash status``: what a lost session would get back."""

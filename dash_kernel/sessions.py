@@ -9,7 +9,8 @@ the user's machine needs no route to the worker. Each session has two private to
 ``dash-session-<id>-out`` (host to kernel)
     ``{"op": "ready", "worker_name", "address", "resources", "pid", "gpus"}``,
     ``{"op": "message", "channel": "iopub"|"shell"|"stdin"|"control", "message": ...}``,
-    ``{"op": "heartbeat"}``, ``{"op": "died", "reason"}``, ``{"op": "closed"}``
+    ``{"op": "heartbeat"}``, ``{"op": "died", "reason"}``, ``{"op": "closed"}``, and from
+    the scheduler ``{"op": "draining", "worker", "machine"}`` (the session should move)
 
 A message is a Jupyter message as JSON text plus its binary buffers.
 """

@@ -178,3 +178,35 @@ def test_a_session_is_restored_after_a_gateway_restart(gateway_factory, dash_ker
         assert run.status == "ok", run.traceback_text()
         assert run.stream() == "42\n"
         assert "Restored its variables as they were after cell [" in run.stream("stderr")
+
+
+def test_a_session_on_a_draining_machine_moves_with_its_variables(
+    gateway_factory, contributors, dash_kernelspec, tmp_path
+):
+    gw = gateway_factory(local_workers=0)
+    gw.wait_for_workers(0)
+    caps = ("--cpus", "1", "--memory", "1.5GB", "--gpus", "none")
+    agents = {name: contributors(gw, "--name", name, *caps) for name in ("north", "south")}
+    gw.wait_for_workers(2)
+    with KernelDriver(kernel_name="dash", env=gw.env, cwd=str(tmp_path)) as kernel:
+        first = kernel.execute("kept = 41", timeout=120)
+        assert first.status == "ok", first.traceback_text()
+        machine = first.reply["metadata"]["dash"]["worker"].removesuffix("-cpu")
+        other = ({"north", "south"} - {machine}).pop()
+        code, body = gw.call("POST", f"dash/api/workers/{machine}/drain")
+        assert code == 200, body
+        # The drain waits for the session; the notebook's next cell moves it elsewhere.
+        deadline = time.monotonic() + 30
+        while True:
+            run = kernel.execute("print(kept + 1)", timeout=120)
+            assert run.status == "ok", run.traceback_text()
+            if "is draining" in run.stream("stderr") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        notice = run.stream("stderr")
+        assert f"DASH: machine {machine} is draining. The session moved to worker {other}-cpu" in (
+            notice
+        )
+        assert "Carried over: kept" in notice and run.stream() == "42\n"
+        assert run.reply["metadata"]["dash"]["worker"] == f"{other}-cpu"
+        assert agents[machine].wait_exit(60) == 0  # drained: nothing runs there any more
