@@ -63,6 +63,8 @@ class ClusterStatus:
         rows = [("this session", self.session)] if self.session else []
         if self.checkpoint:
             rows.append(("checkpoint", self.checkpoint))
+        if self.gateway:
+            rows.append(("dashboard", self.gateway.rstrip("/") + "/dash/"))
         return rows + [
             ("connected to", where),
             ("scheduler", self.scheduler),

@@ -145,6 +145,7 @@ def test_dash_status_and_workers_tables(ipython_kernel, gateway):
     [result] = run.of_type("execute_result")
     text = result["content"]["data"]["text/plain"]
     assert f"connected to: {gateway.url}" in text
+    assert f"dashboard: {gateway.url}dash/" in text
     assert "scheduler: tls://" in text
     assert "local-0" in text and "local-1" in text
     assert "<table>" in result["content"]["data"]["text/html"]
