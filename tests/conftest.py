@@ -56,6 +56,18 @@ def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proces
     return alive(procs)
 
 
+def wait_until(condition: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
+    """Poll ``condition`` until it returns something true (returned), or fail the test
+    after ``timeout`` seconds saying what was awaited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what or condition}")
+
+
 def token_from(output: str) -> str:
     """The token ``dash-gateway users add`` prints on a line of its own."""
     found = re.findall(r"^\s+([A-Za-z0-9_-]{40,})\s*$", output, re.MULTILINE)

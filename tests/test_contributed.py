@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Gateway, run_dash_worker
+from conftest import Gateway, run_dash_worker, wait_until
 
 import dash_kernel as dk
 from dash_kernel.resources import ResourceUnavailable
@@ -20,16 +20,6 @@ from dash_kernel.resources import ResourceUnavailable
 GB = 10**9
 A100 = "NVIDIA A100-SXM4-80GB:80GB"
 ADA = "NVIDIA RTX 6000 Ada Generation:48GB"
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what or condition}")
 
 
 def live_workers(gw: Gateway) -> dict[str, dict[str, Any]]:

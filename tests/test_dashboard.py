@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from browser import open_page, run_async, screenshot
-from conftest import Gateway, launch_gateway, run_dash_worker
+from conftest import Gateway, launch_gateway, run_dash_worker, wait_until
 from playwright.sync_api import Page, expect
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
@@ -35,16 +35,6 @@ CAPS = {"cpus": 4, "memory": 8 * 10**9, "gpus": []}
 # it, gets one more (the machine may be busy with the rest of the suite).
 LIVE_WITHIN = 2.0
 PAGE_WITHIN_MS = (LIVE_WITHIN + 1) * 1000
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what or condition}")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import html
 import json
 import re
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 from browser import open_page, screenshot
-from conftest import Gateway, launch_gateway
+from conftest import Gateway, launch_gateway, wait_until
 from playwright.sync_api import Browser, Page, expect
 
 from dash_kernel._version import __version__
@@ -78,16 +77,6 @@ def open_lab(browser: Browser, gw: Gateway, page: Page | None = None) -> Page:
         page.goto(url)
     expect(page.locator(".jp-Launcher")).to_be_visible(timeout=LAB_LOADS_MS)
     return page
-
-
-def wait_for(condition: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 # ----- the built assets -------------------------------------------------------------------
@@ -185,7 +174,7 @@ def test_lab_offers_dash_and_its_status_bar_names_the_sessions_worker(
             workers = [s["worker"] for s in body["sessions"] if s.get("worker")]
             return workers[0] if len(workers) == 1 else None
 
-        worker = wait_for(session_worker, 30, "the overview to list the notebook's session")
+        worker = wait_until(session_worker, 30, "the overview to list the notebook's session")
         assert re.fullmatch(r"local-[01]", worker), worker
         expect(status).to_have_text(f"DASH: 2 workers · 0 GPUs · this notebook: {worker}")
         expect(status).to_have_attribute("title", re.compile(f"runs on worker {worker}"))
