@@ -325,9 +325,11 @@ def test_each_user_sees_only_their_own_sessions_and_work(
         ]
 
         def all_there() -> dict[str, Any] | None:
+            # Each submit reaches the scheduler on its own: wait for every task.
             seen = overview(gw)
             running = [s for s in seen["sessions"] if s["state"] == "running"]
-            return seen if running and len(seen["work"]) == 2 else None
+            totals = {w["name"]: w["total"] for w in seen["work"]}
+            return seen if running and totals == {"opwork": 2, "bobwork": 3} else None
 
         seen = wait_until(all_there, 30, "the running session and both users' work")
         [row] = seen["sessions"]
