@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 import psutil
@@ -35,35 +31,6 @@ def dash(gateway, dash_kernelspec, tmp_path_factory):
 
 def _remote_pid(kernel: KernelDriver) -> int:
     return int(kernel.execute("print(os.getpid())").stream())
-
-
-def test_the_wheel_installs_the_kernelspec(tmp_path):
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(REPO),
-        ],
-        check=True,
-    )
-    [wheel] = tmp_path.glob("dash_distributed-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        names = archive.namelist()
-        [spec_path] = [n for n in names if n.endswith("share/jupyter/kernels/dash/kernel.json")]
-        spec = json.loads(archive.read(spec_path))
-    for logo in ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg"):
-        assert any(n.endswith(f"share/jupyter/kernels/dash/{logo}") for n in names)
-    assert spec["display_name"] == "DASH distributed"
-    assert spec["language"] == "python"
-    assert spec["interrupt_mode"] == "signal"
-    # VS Code accepts python kernels whose argv is [python, -m, module, ...]
-    assert spec["argv"][:3] == ["python", "-m", "dash_kernel"]
 
 
 def test_first_cell_says_where_the_session_runs(dash):
