@@ -145,6 +145,8 @@ class DashKernel(IPythonKernel):
             )
         cell = self.last_checkpoint.get("cell")
         after = f" as they were after cell [{cell}]" if cell else ""
+        if not (restored["restored"] or restored["failed"] or restored["unsaved"]):
+            return f"It had no variables to restore{after}."
         return f"Restored its variables{after}: {_restore_summary(restored)}"
 
     async def _restore(self, name: str, version: int | None = None) -> dict[str, Any]:
