@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from jupyter_core.utils import ensure_async
-from jupyter_server.auth.decorator import authorized
+from jupyter_server.auth.decorator import authorized, ws_authenticated
 from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
 from tornado import web, websocket
@@ -17,19 +17,6 @@ from dash_gateway.auth import is_operator, username
 from dash_gateway.cluster import ClusterSupervisor
 from dash_gateway.handlers import AUTH_RESOURCE, DashAPIHandler
 from dash_gateway.overview import OverviewService
-
-try:
-    from jupyter_server.auth.decorator import ws_authenticated
-except ImportError:  # jupyter_server < 2.13
-
-    def ws_authenticated(method: Any) -> Any:  # type: ignore[no-redef]
-        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if self.current_user is None:
-                raise web.HTTPError(403)
-            return method(self, *args, **kwargs)
-
-        return wrapper
-
 
 log = logging.getLogger(__name__)
 

@@ -382,13 +382,17 @@ class StorageHandler(JSONAPIHandler):
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the storage threads, its failures as HTTP errors: not found 404,
-        bad input 400, the backend failing 502."""
+        bad input 400, chunks a manifest names but storage lacks 409, the backend failing
+        502."""
         try:
             return await self.storage.run(fn, *args)
         except NotFound as exc:
             raise http_error(404, str(exc)) from None
         except ValueError as exc:
             raise http_error(400, str(exc)) from None
+        except ChunksMissing as exc:
+            # Not uploaded, or collected since the client asked: it uploads them and retries.
+            raise http_error(409, str(exc)) from None
         except StorageError as exc:
             log.warning("Storage failed for %s: %s", self.user, exc)
             raise http_error(502, f"the storage backend failed: {exc}") from None
@@ -479,23 +483,11 @@ class ObjectHandler(StorageHandler):
     async def post(self, name: str) -> None:
         check_name(name)
         manifest = client_manifest(self.json_body(), name, self.user)
-        transport = self.transport()
-        try:
-            async with (
-                self.storage.gate.commit(self.user),
-                self.storage.manifest_lock(self.user, name),
-            ):
-                stored = await self.storage.run(transport.put_manifest, manifest)
-        except ValueError as exc:
-            raise http_error(400, str(exc)) from None
-        except NotFound as exc:
-            raise http_error(400, str(exc)) from None
-        except ChunksMissing as exc:
-            # Not uploaded, or collected since the client asked: it uploads them and retries.
-            raise http_error(409, str(exc)) from None
-        except StorageError as exc:
-            log.warning("Storage failed for %s: %s", self.user, exc)
-            raise http_error(502, f"the storage backend failed: {exc}") from None
+        async with (
+            self.storage.gate.commit(self.user),
+            self.storage.manifest_lock(self.user, name),
+        ):
+            stored = await self.call(self.transport().put_manifest, manifest)
         log.info("%s saved %s version %s", self.user, name, stored.get("version"))
         self.write_json(stored, status=201)
 

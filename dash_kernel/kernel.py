@@ -188,6 +188,7 @@ class DashKernel(IPythonKernel):
             with contextlib.suppress(DashError, SessionLost):
                 await self._take_checkpoint(remote, cell)
 
+        # referenced, so the running task is not garbage-collected
         self._checkpoint_task = asyncio.create_task(run())
 
     def _report_checkpoint_problem(self) -> None:

@@ -1,4 +1,4 @@
-"""Moving variables between a notebook and its remote session (``%dash push/pull/use``).
+"""Moving named variables between a notebook and its remote session (``%dash push/pull``).
 
 Values travel through the cluster, not through the Jupyter relay: the sender pickles each
 variable (naming those that cannot be), scatters the bundle to a worker and publishes it
@@ -19,15 +19,12 @@ __all__ = ["publish_names", "receive_names"]
 
 
 def publish_names(
-    conn: Connection, namespace: MutableMapping[str, Any], names: Iterable[str] | None, key: str
+    conn: Connection, namespace: MutableMapping[str, Any], names: Iterable[str], key: str
 ) -> dict[str, Any]:
-    """Publish ``names`` from ``namespace`` (None: every public variable) as ``key``.
+    """Publish ``names`` from ``namespace`` as ``key``.
 
     Returns ``{"sent": [...], "unpicklable": {name: why}, "missing": [...]}``.
     """
-    hidden = _hidden_names()
-    if names is None:
-        names = [n for n in namespace if not n.startswith("_") and n not in hidden]
     names = list(names)
     missing = [n for n in names if n not in namespace]
     payload, unpicklable = dumps_names(namespace, names, strict=False)
@@ -46,25 +43,15 @@ def receive_names(
     return {"received": sorted(values), "failed": failures}
 
 
-def _hidden_names() -> set[str]:
-    """IPython's own names in a user namespace (In, Out, exit, ...), never moved."""
-    try:
-        from IPython import get_ipython
-
-        return set(get_ipython().user_ns_hidden)
-    except Exception:
-        return set()
-
-
-def remote_publish(key: str, names: list[str] | None) -> str:
-    """Run in the remote kernel by ``%dash pull`` and ``%dash use``; JSON for the caller."""
+def remote_publish(key: str, names: list[str]) -> str:
+    """Run in the remote kernel by ``%dash pull``; JSON for the caller."""
     from IPython import get_ipython
 
     return json.dumps(publish_names(connect(), get_ipython().user_ns, names, key))
 
 
 def remote_receive(key: str) -> str:
-    """Run in the remote kernel by ``%dash push`` and ``%dash use``; JSON for the caller."""
+    """Run in the remote kernel by ``%dash push``; JSON for the caller."""
     from IPython import get_ipython
 
     return json.dumps(receive_names(connect(), get_ipython().user_ns, key))
