@@ -56,19 +56,14 @@ def gateway_url(serverapp: ServerApp) -> str:
 
 
 def configure_lab(serverapp: ServerApp) -> None:
-    """Let JupyterLab load DASH's prebuilt extension from the package itself when no Jupyter
-    data directory has it (an editable install or a source tree installs no data files),
-    and, unless configured otherwise, not fetch Jupyter's news feed from the internet (a
-    gateway may have no internet access).
+    """Unless configured otherwise, keep JupyterLab from fetching Jupyter's news feed from
+    the internet (a gateway may have no internet access).
 
     Called while extensions load: every Lab-like app is linked by then, and each reads its
-    labextensions paths when it loads, after us (extensions load in name order).
+    settings when it loads, after us (extensions load in name order). DASH's own Lab
+    extension needs nothing here: every install, editable ones included, puts it in
+    ``share/jupyter/labextensions``.
     """
-    from dash_nbext import LABEXTENSION_NAME, labextensions_dir
-
-    prebuilt = labextensions_dir()
-    if not (prebuilt / LABEXTENSION_NAME / "package.json").is_file():
-        return
     try:
         from jupyterlab_server import LabServerApp
     except ImportError:
@@ -79,12 +74,6 @@ def configure_lab(serverapp: ServerApp) -> None:
                 continue
             if "news_url" not in app.config.get("LabApp", {}) and hasattr(app, "news_url"):
                 app.news_url = None
-            paths = [*app.extra_labextensions_path, *app.labextensions_path]
-            if any(
-                os.path.isfile(os.path.join(p, LABEXTENSION_NAME, "package.json")) for p in paths
-            ):
-                continue  # installed (a wheel's share/jupyter/labextensions): that copy wins
-            app.extra_labextensions_path = [*app.extra_labextensions_path, str(prebuilt)]
 
 
 class DashGateway(ExtensionApp):

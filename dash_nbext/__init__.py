@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["LABEXTENSION_NAME", "labextensions_dir", "static_dir"]
+__all__ = ["LABEXTENSION_NAME", "static_dir"]
 
 # The prebuilt JupyterLab extension's package name: JupyterLab finds it as
 # <labextensions path>/<name>/package.json (a wheel installs it in share/jupyter/labextensions).
@@ -14,12 +14,6 @@ LABEXTENSION_NAME = "dash-distributed-jupyterlab"
 def static_dir() -> Path:
     """The directory of the gateway's page assets (HTML, ES modules, CSS), served at ``/dash/static/``."""
     return Path(__file__).resolve().parent / "static"
-
-
-def labextensions_dir() -> Path:
-    """The directory holding the prebuilt JupyterLab extension (``<name>/package.json`` and
-    ``static/``), for JupyterLab's labextensions paths when no data files were installed."""
-    return Path(__file__).resolve().parent / "labextension" / "prebuilt"
 
 
 def _jupyter_labextension_paths() -> list[dict[str, str]]:

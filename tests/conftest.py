@@ -339,21 +339,6 @@ def ipython_kernel(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory):
         kernel.shutdown()
 
 
-@pytest.fixture(scope="session")
-def dash_kernelspec(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The repository's "DASH distributed" kernelspec, findable by jupyter_client as
-    ``dash`` (an editable install does not install data files)."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("jupyter-path")
-    shutil.copytree(
-        Path(__file__).resolve().parent.parent / "kernelspecs" / "dash", root / "kernels" / "dash"
-    )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("JUPYTER_PATH", str(root))
-        yield root
-
-
 @dataclass
 class Contributor:
     """A ``dash-worker`` agent process (``join`` or ``start``) with its own config dir."""

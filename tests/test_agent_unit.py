@@ -22,6 +22,9 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+
+from dash_gateway.tls import CertificateAuthority
+from dash_kernel.resources import worker_resources
 from dash_worker import cli
 from dash_worker.credentials import (
     CredentialStore,
@@ -41,9 +44,6 @@ from dash_worker.plan import (
     plan_workers,
     resolve_caps,
 )
-
-from dash_gateway.tls import CertificateAuthority
-from dash_kernel.resources import worker_resources
 
 GiB = 2**30
 H200 = 150754820096

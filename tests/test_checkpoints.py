@@ -45,7 +45,7 @@ def local(kernel: KernelDriver, expression: str) -> str:
 
 
 @pytest.fixture
-def kernel(gateway, dash_kernelspec, tmp_path):
+def kernel(gateway, tmp_path):
     env = dict(gateway.env, JPY_SESSION_NAME=str(tmp_path / "Training run.ipynb"))
     with KernelDriver(kernel_name="dash", env=env, cwd=str(tmp_path)) as driver:
         yield driver
@@ -118,7 +118,7 @@ def test_with_checkpoints_off_a_lost_session_says_its_variables_are_gone(kernel)
 
 
 def test_a_new_kernel_lists_and_restores_an_earlier_kernels_checkpoint(
-    gateway, dash_kernelspec, tmp_path
+    gateway, tmp_path
 ):
     env = dict(gateway.env, JPY_SESSION_NAME=str(tmp_path / "render.ipynb"))
     with KernelDriver(kernel_name="dash", env=env, cwd=str(tmp_path)) as first:
@@ -139,7 +139,7 @@ def test_a_new_kernel_lists_and_restores_an_earlier_kernels_checkpoint(
         assert wrong.status == "error" and "no-such-thing" in wrong.error["evalue"]
 
 
-def test_another_user_cannot_see_or_restore_my_checkpoints(gateway, dash_kernelspec, tmp_path):
+def test_another_user_cannot_see_or_restore_my_checkpoints(gateway, tmp_path):
     with KernelDriver(kernel_name="dash", env=gateway.env, cwd=str(tmp_path)) as mine:
         mine.execute("secret = 42", timeout=120)
         mine.execute("%dash checkpoint", timeout=60)
@@ -154,7 +154,7 @@ def test_another_user_cannot_see_or_restore_my_checkpoints(gateway, dash_kernels
         assert theirs.execute("print('secret' in globals())").stream() == "False\n"
 
 
-def test_a_session_is_restored_after_a_gateway_restart(gateway_factory, dash_kernelspec, tmp_path):
+def test_a_session_is_restored_after_a_gateway_restart(gateway_factory, tmp_path):
     first = gateway_factory(local_workers=1)
     first.wait_for_workers(1)
     port = int(first.url.rsplit(":", 1)[1].strip("/"))
@@ -181,7 +181,7 @@ def test_a_session_is_restored_after_a_gateway_restart(gateway_factory, dash_ker
 
 
 def test_a_session_on_a_draining_machine_moves_with_its_variables(
-    gateway_factory, contributors, dash_kernelspec, tmp_path
+    gateway_factory, contributors, tmp_path
 ):
     gw = gateway_factory(local_workers=0)
     gw.wait_for_workers(0)

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def dash(gateway, dash_kernelspec, tmp_path_factory):
+def dash(gateway, tmp_path_factory):
     """One "DASH distributed" kernel for the module, with its first (session-opening) cell run."""
     kernel = KernelDriver(
         kernel_name="dash", env=gateway.env, cwd=str(tmp_path_factory.mktemp("dash"))
@@ -185,7 +185,7 @@ def test_interrupt_stops_the_remote_cell_and_its_state_survives(dash):
     ids=["exit", "segfault", "memory-limit"],
 )
 def test_a_dying_session_is_reported_and_the_next_cell_gets_a_new_one(
-    gateway, dash_kernelspec, tmp_path, death, reason
+    gateway, tmp_path, death, reason
 ):
     with KernelDriver(kernel_name="dash", env=gateway.env, cwd=str(tmp_path)) as kernel:
         first_pid = _remote_pid(kernel) if kernel.execute("import os").status == "ok" else None
@@ -199,7 +199,7 @@ def test_a_dying_session_is_reported_and_the_next_cell_gets_a_new_one(
         assert int(again.stream()) != first_pid
 
 
-def test_restart_gives_a_fresh_session_and_ends_the_old_one(gateway, dash_kernelspec, tmp_path):
+def test_restart_gives_a_fresh_session_and_ends_the_old_one(gateway, tmp_path):
     import dash_kernel as dk
 
     conn = dk.connect(gateway.url, gateway.token)
@@ -237,7 +237,7 @@ def test_restart_gives_a_fresh_session_and_ends_the_old_one(gateway, dash_kernel
 
 
 def test_the_quickstart_notebook_runs_on_the_dash_kernel(
-    gateway, dash_kernelspec, tmp_path, monkeypatch
+    gateway, tmp_path, monkeypatch
 ):
     import nbformat
     from nbclient import NotebookClient
@@ -309,7 +309,7 @@ def test_push_pull_and_use_move_variables_and_name_what_cannot_move(dash):
 
 
 def test_a_worker_dying_under_a_session_is_reported_and_its_checkpoint_restored(
-    gateway, dash_kernelspec, tmp_path
+    gateway, tmp_path
 ):
     with KernelDriver(kernel_name="dash", env=gateway.env, cwd=str(tmp_path)) as kernel:
         kernel.execute("import os, time\nstate = 'kept by the checkpoint'", timeout=120)

@@ -7,8 +7,6 @@ notebook in a bare VS Code or JupyterLab takes.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jupyter_kernel_test
@@ -48,11 +46,9 @@ class DashKernelConformance(jupyter_kernel_test.KernelTests):
     @classmethod
     def setUpClass(cls) -> None:
         cls._saved_env = dict(os.environ)
-        cls._jupyter_path = tempfile.mkdtemp(prefix="dash-kernelspec-")
-        shutil.copytree(REPO / "kernelspecs" / "dash", Path(cls._jupyter_path) / "kernels" / "dash")
         for name in ("DASH_GATEWAY_URL", "DASH_TOKEN"):
             os.environ.pop(name, None)
-        os.environ.update(JUPYTER_PATH=cls._jupyter_path, DASH_LOCAL_WORKERS="1")
+        os.environ.update(DASH_LOCAL_WORKERS="1")
         super().setUpClass()
 
     @classmethod
@@ -60,4 +56,3 @@ class DashKernelConformance(jupyter_kernel_test.KernelTests):
         super().tearDownClass()
         os.environ.clear()
         os.environ.update(cls._saved_env)
-        shutil.rmtree(cls._jupyter_path, ignore_errors=True)

@@ -42,12 +42,9 @@ PANEL = "#dash-distributed-panel"
 
 
 @pytest.fixture(scope="module")
-def lab_gateway(
-    dash_kernelspec: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
-    """A gateway of this module's own, started after ``dash_kernelspec`` so that its Lab
-    lists the "DASH distributed" kernel (a session gateway may predate JUPYTER_PATH). It is
-    given nothing about the Lab extension: it must find the prebuilt one by itself."""
+def lab_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway of this module's own, with two local workers. It is given nothing about
+    the kernelspec or the Lab extension: it must find what the install put in place."""
     gateway = launch_gateway(tmp_path_factory.mktemp("lab-gateway"), local_workers=2)
     try:
         gateway.wait_for_workers(2)

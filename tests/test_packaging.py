@@ -4,6 +4,8 @@ where an installed Python and Jupyter look for them (tests otherwise use the sou
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,9 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# Import name -> source directory (pyproject.toml's package-dir).
-PACKAGES = {"dash_kernel": "dash_kernel", "dash_gateway": "dash_gateway", "dash_worker": "workers",
-            "dash_nbext": "dash_nbext"}  # fmt: skip
+PACKAGES = ("dash_kernel", "dash_gateway", "dash_worker", "dash_nbext")
 
 
 LEFTOVERS = (
@@ -51,9 +51,9 @@ def wheel(built: Path) -> list[str]:
 
 def test_every_module_is_in_the_wheel(wheel: list[str]) -> None:
     expected = {
-        f"{name}/{path.relative_to(REPO / source).as_posix()}"
-        for name, source in PACKAGES.items()
-        for path in (REPO / source).rglob("*.py")
+        f"{name}/{path.relative_to(REPO / name).as_posix()}"
+        for name in PACKAGES
+        for path in (REPO / name).rglob("*.py")
         if "node_modules" not in path.parts
     }
     missing = sorted(expected - set(wheel))
@@ -81,3 +81,24 @@ def test_the_wheel_installs_the_kernelspec(built: Path, wheel: list[str]) -> Non
     assert spec["interrupt_mode"] == "signal"
     # VS Code accepts python kernels whose argv is [python, -m, module, ...]
     assert spec["argv"][:3] == ["python", "-m", "dash_kernel"]
+
+
+def _jupyter(*args: str) -> str:
+    """What a ``jupyter`` subcommand of this environment prints (``--json`` output alone on
+    stdout; the extension lists print to stderr)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "jupyter", *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout if "--json" in args else done.stdout + done.stderr
+
+
+def test_this_install_is_visible_to_every_jupyter_tool() -> None:
+    """The environment the tests run in is the README's development install
+    (``pip install -e``): Jupyter must find DASH's kernelspec, server extension and Lab
+    extension there exactly as in a wheel install, with no JUPYTER_PATH help."""
+    assert "JUPYTER_PATH" not in os.environ
+    specs = json.loads(_jupyter("kernelspec", "list", "--json"))["kernelspecs"]
+    assert specs["dash"]["spec"]["display_name"] == "DASH distributed"
+    assert re.search(r"dash_gateway\s+\S*enabled", _jupyter("server", "extension", "list"))
+    assert re.search(r"dash-distributed-jupyterlab v\S+\s+\S*enabled", _jupyter("labextension", "list"))

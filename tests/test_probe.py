@@ -12,9 +12,9 @@ from typing import Any
 import psutil
 import pynvml
 import pytest
-from dash_worker.probe import GpuMonitor, probe_gpus, probe_hardware, utilisation
 
 from dash_kernel._version import __version__
+from dash_worker.probe import GpuMonitor, probe_gpus, probe_hardware, utilisation
 
 NVML_DATA = Path(__file__).parent / "data" / "nvml"
 

@@ -48,7 +48,7 @@ def test_objects_saved_anywhere_load_everywhere(ipython_kernel):
     assert nested.stream() == "6\n"
 
 
-def test_the_dash_kernels_session_uses_the_same_storage(gateway, dash_kernelspec, tmp_path):
+def test_the_dash_kernels_session_uses_the_same_storage(gateway, tmp_path):
     with KernelDriver("dash", env=gateway.env, cwd=str(tmp_path)) as kernel:
         remote = kernel.execute(
             "import dash_kernel as dk\nprint(dk.save('session/value', 41 + 1).version >= 1)",

@@ -18,6 +18,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from distributed import Nanny
+
+from dash_kernel.lifecycle import StopTrigger, arm_hard_exit
+from dash_kernel.resources import format_resources
 from dash_worker.credentials import CredentialStore, MachineConfig, new_key_and_csr
 from dash_worker.gateway_client import GatewayClient, GatewayError, GatewayUnreachable
 from dash_worker.plan import (
@@ -28,10 +32,6 @@ from dash_worker.plan import (
 )
 from dash_worker.probe import GpuMonitor, utilisation
 from dash_worker.serve import HARD_EXIT_AFTER, build_nanny, close_nannies, worker_security
-from distributed import Nanny
-
-from dash_kernel.lifecycle import StopTrigger, arm_hard_exit
-from dash_kernel.resources import format_resources
 
 __all__ = ["EXIT_ERROR", "EXIT_REVOKED", "EXIT_USAGE", "Agent", "AgentExit", "run_agent"]
 

@@ -9,6 +9,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from dask.utils import format_bytes
+
+from dash_kernel.resources import format_resources
 from dash_worker.agent import (
     API,
     EXIT_ERROR,
@@ -32,9 +35,6 @@ from dash_worker.plan import (
     validate_machine_name,
 )
 from dash_worker.probe import probe_hardware
-from dask.utils import format_bytes
-
-from dash_kernel.resources import format_resources
 
 __all__ = ["describe_caps", "drain", "format_record", "join", "leave", "start", "status"]
 

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from dask.utils import parse_bytes
+
 from dash_worker import agent, commands, serve
 from dash_worker.plan import (
     CapsError,
@@ -15,7 +17,6 @@ from dash_worker.plan import (
     parse_gpu_selection,
     validate_machine_name,
 )
-from dask.utils import parse_bytes
 
 EPILOG = """exit status: 0 done (stopped, drained, left); 1 error (gateway unreachable, invite
 or token refused); 2 bad arguments or caps; 3 this machine was revoked."""
