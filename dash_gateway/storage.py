@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
@@ -26,7 +27,13 @@ from dash_gateway.auth import is_operator, username
 from dash_gateway.handlers import AUTH_NEEDED, AUTH_RESOURCE, JSONAPIHandler, http_error
 from dash_gateway.registry import OPERATOR, Registry, iso
 from dash_kernel.storage.backends import Backend, NotFound, StorageError, describe, open_backend
-from dash_kernel.storage.transport import ChunksMissing, DirectTransport, chunk_key
+from dash_kernel.storage.gateway_transport import DAMAGED_STATUS
+from dash_kernel.storage.transport import (
+    ChunksMissing,
+    DamagedManifest,
+    DirectTransport,
+    chunk_key,
+)
 from dash_kernel.storage.transport import check_name as transport_check_name
 from dash_kernel.storage.transport import check_sha as transport_check_sha
 
@@ -55,6 +62,9 @@ MAX_PREFIX_LENGTH = 200
 # A prefix of some valid name: whole segments, then possibly the start of one.
 PREFIX_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*/)*([A-Za-z0-9][A-Za-z0-9._-]*)?$")
 CHUNK_PATH = "dash/api/storage/chunks/"
+DEFAULT_CHECKPOINT_RETENTION = 30 * 86400.0
+# How often expired session checkpoints are looked for (and once at start).
+CHECKPOINT_EXPIRY_INTERVAL = 3600.0
 
 
 class TokenError(Exception):
@@ -239,8 +249,11 @@ class StorageService:
         registry: Registry | None = None,
         public_url: str = "",
         workers: int = 16,
+        checkpoint_retention: float = DEFAULT_CHECKPOINT_RETENTION,
     ):
         self.url = storage_url or os.path.join(data_dir, "storage")
+        self.checkpoint_retention = checkpoint_retention
+        self._expiry: asyncio.Task[None] | None = None
         self.backend: Backend = open_backend(self.url)
         self.description = describe(self.url)
         self.tokens = StorageTokens(os.path.join(data_dir, "storage-secret"))
@@ -308,13 +321,51 @@ class StorageService:
                 report[user] = await self.run(self.transport(user).collect_garbage, older_than)
         return report
 
+    async def expire_checkpoints(self) -> dict[str, dict[str, Any]]:
+        """Delete every user's session checkpoints not saved for ``checkpoint_retention``
+        seconds (never other objects); what was deleted, by user."""
+        report = {}
+        for user in self.storage_users():
+            expire = self.transport(user).expire_checkpoints
+            report[user] = await self.run(expire, self.checkpoint_retention)
+        return report
+
+    def start(self) -> None:
+        """Expire old session checkpoints now and every hour (if a retention is set)."""
+        if self.checkpoint_retention > 0 and self._expiry is None:
+            self._expiry = asyncio.create_task(self._expire_periodically())
+
+    async def _expire_periodically(self) -> None:
+        while True:
+            try:
+                report = await self.expire_checkpoints()
+            except Exception:
+                log.exception("Expiring old session checkpoints failed; trying again later")
+            else:
+                expired = sum(len(r["deleted"]) for r in report.values())
+                if expired:
+                    log.info("Storage: expired %d old session checkpoints", expired)
+            await asyncio.sleep(CHECKPOINT_EXPIRY_INTERVAL)
+
     def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         for transport in self._transports.values():
             transport.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 # ----- handlers --------------------------------------------------------------------------
+
+
+class DamagedError(web.HTTPError):
+    """A stored manifest that cannot be read: 422, with the object's name and version so
+    that the client can say which, and how to remove it."""
+
+    def __init__(self, exc: DamagedManifest):
+        super().__init__(DAMAGED_STATUS, "%s", str(exc))
+        self.details = {"name": exc.name, "version": exc.version, "damaged": exc.reason}
 
 
 class StorageHandler(JSONAPIHandler):
@@ -369,6 +420,14 @@ class StorageHandler(JSONAPIHandler):
     def get_login_url(self) -> str:
         raise http_error(403, AUTH_NEEDED)
 
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = (kwargs.get("exc_info") or (None, None, None))[1]
+        if isinstance(exc, DamagedError):
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps({"message": exc.args[0], "reason": exc.reason, **exc.details}))
+            return
+        super().write_error(status_code, **kwargs)
+
     @property
     def user(self) -> str:
         assert self.storage_user is not None
@@ -393,6 +452,8 @@ class StorageHandler(JSONAPIHandler):
         except ChunksMissing as exc:
             # Not uploaded, or collected since the client asked: it uploads them and retries.
             raise http_error(409, str(exc)) from None
+        except DamagedManifest as exc:
+            raise DamagedError(exc) from None
         except StorageError as exc:
             log.warning("Storage failed for %s: %s", self.user, exc)
             raise http_error(502, f"the storage backend failed: {exc}") from None
@@ -532,6 +593,19 @@ class DownloadChunksHandler(MissingChunksHandler):
         self.write_json({"download": await self.call(self.transfer_urls, "GET", hashes)})
 
 
+class DamagedChunksHandler(StorageHandler):
+    """``POST /dash/api/storage/chunks/damaged``: a reader found these chunks failing their
+    hash; each is checked here and deleted if it does, so that a save uploads it again."""
+
+    @allow_unauthenticated
+    async def post(self) -> None:
+        hashes = check_hashes(self.json_body().get("chunks"))
+        deleted = await self.call(self.transport().discard_damaged, hashes)
+        if deleted:
+            log.warning("%s: deleted damaged chunks %s", self.user, ", ".join(deleted))
+        self.write_json({"deleted": deleted})
+
+
 def chunk_transfer(storage: StorageService, user: str, method: str, sha: str) -> dict[str, Any]:
     """Where one chunk goes or comes from: a presigned URL (absolute, to be used without
     DASH credentials), else the gateway's own chunk URL relative to the gateway's URL (to be
@@ -663,6 +737,7 @@ def storage_handlers(
         (rf"{base}/versions/{name}", VersionsHandler, kwargs),
         (rf"{base}/chunks/missing", MissingChunksHandler, kwargs),
         (rf"{base}/chunks/download", DownloadChunksHandler, kwargs),
+        (rf"{base}/chunks/damaged", DamagedChunksHandler, kwargs),
         (rf"{base}/chunks/(?P<sha>[^/]+)", ChunkHandler, kwargs),
         (rf"{base}/gc", GarbageHandler, {**kwargs, "grace": gc_grace}),
     ]

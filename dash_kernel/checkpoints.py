@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import time
@@ -23,7 +24,8 @@ from pathlib import PurePath
 from typing import Any
 
 from .storage.api import ENV_STORAGE_TOKEN, ENV_STORAGE_URL, storage_client
-from .storage.backends import NotFound
+from .storage.backends import NotFound, StorageError
+from .storage.transport import CHECKPOINT_PREFIX, DirectTransport
 
 __all__ = [
     "CHECKPOINT_PREFIX",
@@ -35,8 +37,14 @@ __all__ = [
     "take",
 ]
 
-CHECKPOINT_PREFIX = "sessions/"
+log = logging.getLogger(__name__)
+
 KEEP_VERSIONS = 2
+# Without a gateway (whose checkpoint_retention does this), checkpoints older than this
+# are deleted from embedded storage by the first checkpoint a process takes.
+ENV_RETENTION = "DASH_CHECKPOINT_RETENTION"
+DEFAULT_RETENTION = 30 * 86400.0
+_expired_embedded = False
 # The digest of what the last checkpoint in this process stored, by checkpoint name: an
 # unchanged namespace is not written again.
 _last_digest: dict[str, str] = {}
@@ -90,6 +98,7 @@ def take(
     _last_digest[name] = record.digest
     if record.version is not None:
         _prune(client, name)
+        _expire_embedded(client)
     return {
         "name": name,
         "version": record.version,
@@ -106,6 +115,31 @@ def _prune(client: Any, name: str) -> None:
     for version in versions[:-KEEP_VERSIONS]:
         with contextlib.suppress(NotFound):
             client.rm(name, version)
+
+
+def retention() -> float:
+    """``DASH_CHECKPOINT_RETENTION`` seconds (default 30 days; 0: keep forever)."""
+    value = os.environ.get(ENV_RETENTION, "")
+    try:
+        return float(value) if value else DEFAULT_RETENTION
+    except ValueError:
+        raise ValueError(f"{ENV_RETENTION}={value!r} is not a number of seconds") from None
+
+
+def _expire_embedded(client: Any) -> None:
+    """Embedded storage has no gateway to expire old checkpoints: once per process, the
+    first checkpoint does. Through a gateway, the gateway does (checkpoint_retention)."""
+    global _expired_embedded
+    if _expired_embedded or not isinstance(client.transport, DirectTransport):
+        return
+    _expired_embedded = True
+    keep = retention()
+    if keep > 0:
+        try:
+            client.transport.expire_checkpoints(keep)
+        except StorageError as exc:
+            # The checkpoint itself was stored; tidying up can wait for the next process.
+            log.warning("could not expire old session checkpoints: %s", exc)
 
 
 def restore(
@@ -134,8 +168,9 @@ def restore(
 
 
 def list_checkpoints() -> list[dict[str, Any]]:
-    """The latest version of each of this user's session checkpoints, newest first."""
-    found = storage_client().ls(CHECKPOINT_PREFIX)
+    """The latest version of each of this user's session checkpoints, newest first (a
+    damaged one is left out: ``dk.ls("sessions/")`` names it)."""
+    found = [s for s in storage_client().summaries(CHECKPOINT_PREFIX) if "damaged" not in s]
     return sorted(found, key=lambda s: s.get("created", ""), reverse=True)
 
 

@@ -3,8 +3,12 @@ directory and on real S3 servers (moto, rclone serve s3)."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import json
 import os
+import pickle
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -27,8 +31,10 @@ from dash_kernel.storage.backends import (
     open_backend,
 )
 from dash_kernel.storage.cache import ChunkCache, parse_size
-from dash_kernel.storage.client import CorruptChunk, StorageClient
+from dash_kernel.storage.client import CorruptChunk, StorageClient, StorageWarning
+from dash_kernel.storage.listing import Listing
 from dash_kernel.storage.transport import (
+    DamagedManifest,
     DirectTransport,
     check_manifest,
     chunk_key,
@@ -619,3 +625,171 @@ def test_gateway_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     assert api._selection() == ("storage", "http://127.0.0.1:2/", "st")
     with api.use_storage("http://127.0.0.1:3/", "ctx"):
         assert api._selection() == ("storage", "http://127.0.0.1:3/", "ctx")
+
+
+# damaged storage, manifest types, listings, checkpoint expiry (issue #12)
+
+
+def age_manifest(backend: Any, user: str, name: str, version: int, days: float) -> None:
+    """Set a stored manifest's ``created`` ``days`` into the past, in the store itself."""
+    key = manifest_key(user, name, version)
+    manifest = json.loads(backend.get(key))
+    when = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=days)
+    manifest["created"] = when.isoformat(timespec="milliseconds")
+    backend.put(key, json.dumps(manifest).encode())
+
+
+def test_a_damaged_manifest_is_listed_by_name_and_removable(client: StorageClient) -> None:
+    client.save("damage/good", 1)
+    client.save("damage/bad", 2)
+    client.save("damage/bad", 3)
+    backend = client.transport.backend
+    backend.put(manifest_key("alice", "damage/bad", 2), b'{"name": "damage/b')
+
+    with pytest.warns(StorageWarning, match=r"'damage/bad' version 2 is damaged.*dk.rm"):
+        listing = client.ls("damage/")
+    assert [(e["name"], e["version"]) for e in listing] == [("damage/bad", 2), ("damage/good", 1)]
+    assert [e.name for e in listing.damaged] == ["damage/bad"]
+    assert "not valid JSON" in listing[0]["damaged"] and "DAMAGED" in repr(listing)
+    with pytest.raises(DamagedManifest, match=r"dk.rm\('damage/bad', version=2\)"):
+        client.load("damage/bad")
+    assert client.load("damage/bad", 1) == 2  # the other versions stay readable
+    with pytest.warns(StorageWarning):
+        assert [v.get("damaged") is None for v in client.versions("damage/bad")] == [True, False]
+
+    # A manifest that parses but is not one is damaged too.
+    backend.put(manifest_key("alice", "damage/good", 1), b'{"name": "damage/good", "parts": 7}')
+    with pytest.warns(StorageWarning, match="'damage/good' version 1 is damaged"):
+        assert len(client.ls("damage/").damaged) == 2
+    assert client.rm("damage/bad", 2) == [2] and client.rm("damage/good") == [1]
+    assert [(e.name, e.version) for e in client.ls("damage/")] == [("damage/bad", 1)]
+    client.transport.collect_garbage(0)  # no damaged manifest left to stumble on
+
+
+def test_garbage_collection_keeps_the_chunks_a_damaged_manifest_names(
+    client: StorageClient,
+) -> None:
+    client.save("damage/kept", os.urandom(1000))
+    manifest = client.transport.get_manifest("damage/kept")
+    sha = manifest["parts"][0]["chunks"][0]
+    key = manifest_key("alice", "damage/kept", 1)
+    client.transport.backend.put(key, client.transport.backend.get(key)[:-2])
+    client.transport.collect_garbage(0)
+    assert client.transport.missing_chunks([sha]) == []
+
+
+def test_a_damaged_chunk_is_dropped_so_that_saving_again_repairs_it(backend: Counting) -> None:
+    storage = StorageClient(DirectTransport(backend, "alice"), None, chunk_size=MiB)
+    array = np.arange(MiB, dtype=np.float32)
+    storage.save("weights", array)
+    sha = storage.transport.get_manifest("weights")["parts"][1]["chunks"][2]
+    key = chunk_key("alice", sha)
+    data = bytearray(backend.get(key))
+    data[100] ^= 0xFF
+    backend.put(key, bytes(data))
+    with pytest.raises(CorruptChunk, match="saving the object again stores the chunk") as caught:
+        storage.load("weights")
+    assert caught.value.removed and storage.transport.missing_chunks([sha]) == [sha]
+
+    again = storage.save("weights", array)
+    assert again.uploaded_bytes == MiB  # the damaged chunk, and only it
+    assert np.array_equal(storage.load("weights"), array)
+    assert np.array_equal(storage.load("weights", 1), array)  # it shared the chunk
+    # Storage checks for itself: an intact chunk is never dropped on a reader's word.
+    assert storage.transport.discard_damaged([sha]) == []
+    assert storage.transport.missing_chunks([sha]) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"format": []}, "format"),
+        ({"format": {"a": 1}}, "format"),
+        ({"size": "3"}, "size"),
+        ({"size": True}, "size"),
+        ({"chunk_size": 1.5}, "chunk_size"),
+        ({"metadata": []}, "metadata"),
+        ({"type": 3}, "type"),
+        ({"name": ["x"]}, "name"),
+        ({"parts": {}}, "parts"),
+        ({"parts": [{"role": "pickle", "size": 3, "chunks": [1]}]}, "parts[0].chunks[0]"),
+        ({"parts": [{"role": [], "size": 3, "chunks": []}]}, "parts[0].role"),
+        ({"parts": [{"role": "pickle", "chunks": []}]}, "parts[0].size"),
+        ({"variables": [{"name": "v", "pack": ["a", 1]}]}, "variables[0].pack[0]"),
+        ({"unsaved": {"v": 1}}, "unsaved.v"),
+    ],
+)
+def test_manifest_fields_are_checked_by_type(change: dict[str, Any], field: str) -> None:
+    sha = hashlib.sha256(b"abc").hexdigest()
+    manifest = {
+        "name": "typed",
+        "size": 3,
+        "format": "pickle-oob-1",
+        "chunk_size": CHUNK,
+        "parts": [{"role": "pickle", "size": 3, "chunks": [sha]}],
+    }
+    assert check_manifest(manifest) is manifest
+    with pytest.raises(ValueError, match=re.escape(f"manifest field {field!r}")):
+        check_manifest({**manifest, **change})
+    with pytest.raises(ValueError, match="a manifest is a JSON object"):
+        check_manifest([manifest])
+
+
+def test_ls_is_a_readable_table_with_the_manifest_one_call_away(client: StorageClient) -> None:
+    client.save("table/model", {"w": np.ones(4)}, epoch=3)
+    client.save_variables("sessions/nb-9", {"a": 1, "b": np.zeros(3)}, ["a", "b"])
+    listing = client.ls()
+    assert isinstance(listing, Listing) and all(isinstance(e, dict) for e in listing)
+    model, checkpoint = listing[1], listing[0]
+    assert (model.name, model["version"], model.metadata) == ("table/model", 1, {"epoch": 3})
+    assert model.type == "builtins.dict" and model.size > 32 and model.created
+    assert set(model) <= {"name", "version", "size", "type", "created", "user", "format",
+                          "metadata"}  # fmt: skip
+    assert checkpoint["variables"] == ["a", "b"]  # names, not part numbers
+    assert model.manifest()["parts"] == client.manifest("table/model")["parts"]
+    assert listing.manifest("sessions/nb-9")["format"] == "variables-1"
+    text = repr(listing)
+    assert text.splitlines()[0].split() == ["name", "version", "size", "type", "created",
+                                            "metadata"]  # fmt: skip
+    assert "table/model" in text and '{"epoch": 3}' in text and "chunks" not in text
+    assert "<table>" in listing._repr_html_() and "table/model" in listing._repr_html_()
+    assert repr(client.ls("nothing")) == "(no objects)" and client.ls("nothing") == []
+    # Entries travel as plain data (to and from tasks), without the client behind them.
+    copy = pickle.loads(pickle.dumps(listing))
+    assert copy == listing and repr(copy) == text
+
+
+def test_old_checkpoints_expire_and_user_objects_never_do(client: StorageClient) -> None:
+    transport = client.transport
+    client.save_variables("sessions/old-1", {"x": 1}, ["x"])
+    client.save_variables("sessions/old-1", {"x": 2}, ["x"])
+    client.save_variables("sessions/fresh-2", {"x": 3}, ["x"])
+    client.save("sessions/mine", "a user object under sessions/")
+    client.save("models/old", "a user object")
+    for name, version in [("sessions/old-1", 1), ("sessions/old-1", 2),
+                          ("sessions/mine", 1), ("models/old", 1)]:  # fmt: skip
+        age_manifest(transport.backend, "alice", name, version, days=40)
+    age_manifest(transport.backend, "alice", "sessions/fresh-2", 1, days=20)
+
+    report = transport.expire_checkpoints(30 * 86400)
+    assert report == {"deleted": ["sessions/old-1"], "kept": 2}
+    assert [e.name for e in client.ls()] == ["models/old", "sessions/fresh-2", "sessions/mine"]
+    assert transport.expire_checkpoints(10 * 86400)["deleted"] == ["sessions/fresh-2"]
+
+
+def test_without_a_gateway_the_first_checkpoint_expires_old_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dash_kernel import checkpoints
+
+    backend = LocalBackend(tmp_path / "embedded")
+    storage = StorageClient(DirectTransport(backend, "local"), None, progress=False)
+    storage.save_variables("sessions/gone-1", {"x": 1}, ["x"])
+    storage.save("models/kept", 1)
+    age_manifest(backend, "local", "sessions/gone-1", 1, days=2)
+    age_manifest(backend, "local", "models/kept", 1, days=2)
+    monkeypatch.setattr(checkpoints, "_expired_embedded", False)
+    monkeypatch.setenv("DASH_CHECKPOINT_RETENTION", "86400")
+    with api.use_storage(storage):
+        checkpoints.take("sessions/now-2", {"y": 2})
+    assert [e.name for e in storage.ls()] == ["models/kept", "sessions/now-2"]

@@ -4,12 +4,15 @@ moto server): per-user namespaces, storage tokens, chunk uploads, presigned URLs
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import http.client
 import json
 import logging
 import os
 import stat
+import subprocess
+import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -19,13 +22,18 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import Gateway, free_port, launch_gateway
+from conftest import Gateway, free_port, launch_gateway, wait_until
 
 from dash_kernel.errors import GatewayError
 from dash_kernel.storage.backends import LocalBackend, NotFound, S3Backend
-from dash_kernel.storage.client import StorageClient
+from dash_kernel.storage.client import CorruptChunk, StorageClient, StorageWarning
 from dash_kernel.storage.gateway_transport import STORAGE_TOKEN_HEADER, GatewayTransport
-from dash_kernel.storage.transport import ChunksMissing, DirectTransport
+from dash_kernel.storage.transport import (
+    ChunksMissing,
+    DamagedManifest,
+    DirectTransport,
+    manifest_key,
+)
 
 BUCKET = "dash-storage-test"
 PREFIX = "team/dash"
@@ -685,3 +693,133 @@ def test_a_removed_accounts_storage_token_stops_working(storage: Storage) -> Non
     assert result.returncode == 0, result.stderr
     code, body = storage.gw.call("GET", "dash/api/storage", token=None, headers=header)
     assert code == 403 and "'dave' no longer exists" in body["message"], body
+
+
+# ----- damaged storage, typed manifests, connections, checkpoint expiry (issue #12) --------
+
+
+def test_a_damaged_manifest_is_listed_and_removable_through_the_gateway(storage: Storage) -> None:
+    save(storage, "alice", "hurt/fine", [b"fine"])
+    save(storage, "alice", "hurt/broken", [b"broken"])
+    storage.direct("alice").backend.put(
+        manifest_key("alice", "hurt/broken", 1), b'{"name": "hurt/broken", "size": 1'
+    )
+
+    code, body = storage.call("alice", "GET", "dash/api/storage/objects?prefix=hurt/")
+    assert code == 200, body
+    broken, fine = body["objects"]
+    assert (fine["name"], fine["size"]) == ("hurt/fine", 4)
+    assert (broken["name"], broken["version"]) == ("hurt/broken", 1)
+    assert "the manifest is not valid JSON" in broken["damaged"], broken
+    code, body = storage.call("alice", "GET", "dash/api/storage/objects/hurt/broken")
+    assert code == 422 and "dk.rm('hurt/broken', version=1)" in body["message"], body
+    assert (body["name"], body["version"]) == ("hurt/broken", 1)
+    alice = StorageClient(storage.transport("alice"), None, progress=False)
+    with pytest.raises(DamagedManifest, match="'hurt/broken' version 1 is damaged") as caught:
+        alice.load("hurt/broken")
+    assert (caught.value.name, caught.value.version) == ("hurt/broken", 1)
+    with pytest.warns(StorageWarning, match="'hurt/broken' version 1 is damaged"):
+        assert [e.name for e in alice.ls("hurt/").damaged] == ["hurt/broken"]
+    code, body = storage.gw.call("POST", "dash/api/storage/gc", {"older_than": 3600})
+    assert code == 200, body  # a collection stumbles over it no more than a listing does
+
+    assert alice.rm("hurt/broken") == [1]
+    assert [e.name for e in alice.ls("hurt/")] == ["hurt/fine"]
+    assert alice.rm("hurt/fine") == [1]
+
+
+def test_a_damaged_chunk_is_dropped_so_that_saving_again_repairs_it(storage: Storage) -> None:
+    np = pytest.importorskip("numpy")
+    alice = StorageClient(storage.transport("alice"), None, chunk_size=MiB, progress=False)
+    array = np.random.default_rng(5).standard_normal(MiB // 2)  # 4 MiB: 4 chunks
+    alice.save("hurt/array", array)
+    digest = alice.transport.get_manifest("hurt/array")["parts"][1]["chunks"][1]
+    backend = storage.direct("alice").backend
+    key = f"users/alice/chunks/{digest}"
+    data = bytearray(backend.get(key))
+    data[7] ^= 0x01
+    backend.put(key, bytes(data))
+    # Bob cannot make the gateway drop alice's chunk, nor can anyone drop an intact one.
+    for who, victim in (("bob", digest), ("alice", sha(b"fine"))):
+        code, body = storage.call(
+            who, "POST", "dash/api/storage/chunks/damaged", {"chunks": [victim]}
+        )
+        assert code == 200 and body["deleted"] == [], body
+
+    with pytest.raises(CorruptChunk, match="saving the object again") as caught:
+        alice.load("hurt/array")
+    assert caught.value.removed and digest not in storage.stored_keys("users/alice/chunks/")
+    again = alice.save("hurt/array", array)
+    assert again.uploaded_bytes == MiB, again
+    assert np.array_equal(alice.load("hurt/array"), array)
+    assert np.array_equal(alice.load("hurt/array", 1), array)
+    assert alice.rm("hurt/array") == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"format": []}, "format"),
+        ({"size": "4"}, "size"),
+        ({"metadata": [1]}, "metadata"),
+        ({"parts": [{"role": "pickle", "size": 4, "chunks": [[]]}]}, "parts[0].chunks[0]"),
+    ],
+)
+def test_a_manifest_with_a_wrongly_typed_field_is_refused_naming_it(
+    storage: Storage, change: dict[str, Any], field: str
+) -> None:
+    manifest = {**manifest_for("typed", [b"data"], 4), **change}
+    code, body = storage.call("alice", "POST", "dash/api/storage/objects/typed", manifest)
+    assert code == 400 and f"manifest field {field!r}" in body["message"], body
+
+
+def test_storage_follows_the_gateway_dk_connect_reached(storage: Storage, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASH_")}
+    env.update(JUPYTER_DATA_DIR=str(tmp_path / "data"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    script = (
+        "import sys, dash_kernel as dk\n"
+        "dk.connect(sys.argv[1], sys.argv[2])\n"
+        "print(dk.save('connected/value', 42).version)\n"
+        "print(dk.load('connected/value'), [e['name'] for e in dk.ls('connected/')])\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, storage.gw.url, storage.tokens["alice"]],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[1] == "42 ['connected/value']", run.stdout
+    code, body = storage.call("alice", "GET", "dash/api/storage/objects?prefix=connected/")
+    assert code == 200 and [o["name"] for o in body["objects"]] == ["connected/value"], body
+    assert not (tmp_path / "data" / "dash" / "storage").exists()
+    assert storage.transport("alice").delete("connected/value") == [1]
+
+
+def test_old_checkpoints_are_collected_at_start(gateway_factory: Any, tmp_path: Path) -> None:
+    data_dir = tmp_path / "aged"
+    store = StorageClient(DirectTransport(LocalBackend(data_dir / "storage"), "operator"), None)
+    store.save_variables("sessions/nb-old", {"x": 1}, ["x"])
+    store.save_variables("sessions/nb-fresh", {"x": 2}, ["x"])
+    store.save("sessions/notes", "mine")
+    store.save("models/old", "mine too")
+    for name, days in [("sessions/nb-old", 3), ("sessions/nb-fresh", 0.5),
+                       ("sessions/notes", 3), ("models/old", 3)]:  # fmt: skip
+        key = manifest_key("operator", name, 1)
+        manifest = json.loads(store.transport.backend.get(key))
+        manifest["created"] = datetime.datetime.fromtimestamp(
+            time.time() - days * 86400, datetime.timezone.utc
+        ).isoformat()
+        store.transport.backend.put(key, json.dumps(manifest).encode())
+
+    gw = gateway_factory(
+        local_workers=0, data_dir=data_dir, extra=["--DashGateway.checkpoint_retention=86400"]
+    )
+    gw.wait_for_workers(0)
+
+    def names() -> list[str]:
+        code, body = gw.call("GET", "dash/api/storage/objects")
+        assert code == 200, body
+        return [o["name"] for o in body["objects"]]
+
+    wait_until(lambda: "sessions/nb-old" not in names(), what="the old checkpoint to expire")
+    assert names() == ["models/old", "sessions/nb-fresh", "sessions/notes"]
+    assert "expired 1 old session checkpoints" in gw.log()

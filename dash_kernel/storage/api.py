@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -15,12 +16,14 @@ from typing import Any
 from .backends import LocalBackend, StorageError
 from .cache import ChunkCache, default_cache_dir, default_cache_size
 from .client import SaveRecord, StorageClient
+from .listing import Listing
 from .transport import DirectTransport
 
 __all__ = [
     "datasets",
     "load",
     "ls",
+    "manifest",
     "rm",
     "save",
     "storage_client",
@@ -91,11 +94,25 @@ def _gateway_transport(url: str, token: str | None, storage_token: str | None) -
     return GatewayTransport(url, token=token, storage_token=storage_token)
 
 
+def _connected_gateway() -> tuple[str, str] | None:
+    """``(gateway URL, storage token)`` of the gateway this process connected to with
+    ``dk.connect(url, token)``, if it did: storage follows the connection the user made."""
+    # Looked up, not imported: without dash_kernel.cluster loaded there is no connection.
+    cluster = sys.modules.get("dash_kernel.cluster")
+    connection = getattr(cluster, "_connection", None)
+    if connection is None or not connection.gateway_url:
+        return None
+    return connection.storage_access()
+
+
 def _selection() -> tuple[Any, ...]:
     """Which storage this context uses, as a hashable key."""
     current = _current.get()
     if isinstance(current, dict):
         return ("storage", current["url"], current["token"])
+    connected = _connected_gateway()
+    if connected is not None:
+        return ("storage", *connected)
     if os.environ.get(ENV_STORAGE_URL):
         return ("storage", os.environ[ENV_STORAGE_URL], os.environ.get(ENV_STORAGE_TOKEN))
     if os.environ.get(ENV_GATEWAY_URL):
@@ -124,6 +141,7 @@ def _open(selection: tuple[Any, ...]) -> StorageClient:
 
 def storage_client() -> StorageClient:
     """The storage client for this context: one set with :func:`use_storage`; else the
+    gateway this process connected to with ``dk.connect(url, token)``; else the
     gateway's storage API when ``DASH_STORAGE_URL`` (with ``DASH_STORAGE_TOKEN``, set for
     tasks and sessions) or ``DASH_GATEWAY_URL`` (with ``DASH_TOKEN``, for kernels) is set;
     else embedded storage in ``<jupyter data dir>/dash/storage`` as user ``local``."""
@@ -157,9 +175,18 @@ def load(name: str, version: int | None = None) -> Any:
     return storage_client().load(name, version)
 
 
-def ls(prefix: str = "") -> list[dict[str, Any]]:
-    """The latest version of each of your objects whose name starts with ``prefix``."""
+def ls(prefix: str = "") -> Listing:
+    """The latest version of each of your objects whose name starts with ``prefix``: a
+    table (name, version, size, type, created, metadata) of dict-like entries, each with
+    ``.manifest()``; a damaged object is listed (and warned about) so that ``dk.rm`` can
+    remove it."""
     return storage_client().ls(prefix)
+
+
+def manifest(name: str, version: int | None = None) -> dict[str, Any]:
+    """The whole manifest of ``name`` (its latest version, or ``version``): its parts,
+    chunk hashes and everything ``dk.ls`` leaves out."""
+    return storage_client().manifest(name, version)
 
 
 def rm(name: str, version: int | None = None) -> list[int]:
@@ -167,8 +194,8 @@ def rm(name: str, version: int | None = None) -> list[int]:
     return storage_client().rm(name, version)
 
 
-def versions(name: str) -> list[dict[str, Any]]:
-    """Every version of ``name``, oldest first."""
+def versions(name: str) -> Listing:
+    """Every version of ``name``, oldest first, as in :func:`ls`."""
     return storage_client().versions(name)
 
 

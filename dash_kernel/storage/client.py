@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 from ..serialize import SerializationError, describe_failure, dumps_oob, loads_oob
 from .backends import Data, NotFound, StorageError
 from .cache import ChunkCache, parse_size
+from .listing import Listing, human_size
 from .transport import (
     ChunksMissing,
     Transport,
@@ -33,6 +35,7 @@ __all__ = [
     "CorruptChunk",
     "SaveRecord",
     "StorageClient",
+    "StorageWarning",
     "VariablesRecord",
     "default_chunk_size",
 ]
@@ -61,11 +64,17 @@ def default_chunk_size() -> int:
 class CorruptChunk(StorageError):
     """A chunk read from storage does not match its sha256: the stored copy is damaged."""
 
-    def __init__(self, name: str, version: int, sha: str, detail: str):
-        self.name, self.version, self.sha = name, version, sha
+    def __init__(self, name: str, version: int, sha: str, detail: str, *, removed: bool = False):
+        self.name, self.version, self.sha, self.removed = name, version, sha, removed
+        if removed:
+            advice = (
+                "the damaged copy was removed from storage: saving the object again stores "
+                "the chunk afresh (and repairs every version that shares it)"
+            )
+        else:
+            advice = "the stored copy is damaged (delete this version and save it again)"
         super().__init__(
-            f"object {name!r} version {version} is corrupt: chunk {sha} {detail}; the stored "
-            "copy is damaged (delete this version and save it again)"
+            f"object {name!r} version {version} is corrupt: chunk {sha} {detail}; {advice}"
         )
 
 
@@ -95,8 +104,8 @@ class SaveRecord:
 
     def __repr__(self) -> str:
         return (
-            f"SaveRecord(name={self.name!r}, version={self.version}, size={_human(self.size)}, "
-            f"uploaded={_human(self.uploaded_bytes)}, type={self.type!r})"
+            f"SaveRecord(name={self.name!r}, version={self.version}, size={human_size(self.size)}, "
+            f"uploaded={human_size(self.uploaded_bytes)}, type={self.type!r})"
         )
 
 
@@ -113,14 +122,6 @@ class VariablesRecord:
     size: int
     uploaded_bytes: int
     digest: str
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 def _type_name(obj: Any) -> str:
@@ -474,7 +475,8 @@ class StorageClient:
             sha, data = item
             actual = hashlib.sha256(data).hexdigest()
             if actual != sha:
-                raise CorruptChunk(name, version, sha, f"has sha256 {actual}")
+                removed = self._discard_damaged(sha)
+                raise CorruptChunk(name, version, sha, f"has sha256 {actual}", removed=removed)
             place(sha, data)
             if self.cache is not None:
                 self.cache.put(sha, data)
@@ -490,6 +492,16 @@ class StorageClient:
         finally:
             progress.close()
         log.debug("fetched %s version %s (%d bytes)", name, version, total)
+
+    def _discard_damaged(self, sha: str) -> bool:
+        """Have storage drop a chunk that failed its hash, so that it no longer counts as
+        present and the next save uploads it; whether it is gone."""
+        try:
+            return sha in self.transport.discard_damaged([sha])
+        except Exception as exc:
+            # The damage is what the user must hear about, not this.
+            log.warning("could not remove the damaged chunk %s: %s", sha, exc)
+            return False
 
     def load(self, name: str, version: int | None = None) -> Any:
         """The object saved as ``name`` (its latest version, or ``version``)."""
@@ -606,19 +618,47 @@ class StorageClient:
 
     # listing
 
-    def ls(self, prefix: str = "") -> list[dict[str, Any]]:
-        """Summaries (manifests without parts) of the latest version of each object whose
-        name starts with ``prefix``."""
+    def ls(self, prefix: str = "") -> Listing:
+        """The latest version of each object whose name starts with ``prefix``, as a table
+        of entries; a version whose manifest is damaged is listed as such (and warned
+        about), never fatal to the listing."""
+        listing = Listing.of(self.summaries(prefix), self.manifest)
+        _warn_damaged(listing)
+        return listing
+
+    def summaries(self, prefix: str = "") -> list[dict[str, Any]]:
+        """The transport's summaries (manifests without parts) behind :meth:`ls`."""
         return self.transport.list_objects(prefix)
 
-    def versions(self, name: str) -> list[dict[str, Any]]:
-        """Summaries of every version of ``name``, oldest first."""
-        return self.transport.versions(check_name(name))
+    def versions(self, name: str) -> Listing:
+        """Every version of ``name``, oldest first, as in :meth:`ls`."""
+        listing = Listing.of(self.transport.versions(check_name(name)), self.manifest)
+        _warn_damaged(listing)
+        return listing
+
+    def manifest(self, name: str, version: int | None = None) -> dict[str, Any]:
+        """The whole manifest of ``name`` (its latest version, or ``version``)."""
+        return self.transport.get_manifest(check_name(name), version)
 
     def rm(self, name: str, version: int | None = None) -> list[int]:
         """Delete one version of ``name``, or all; returns the versions deleted. Chunks
         stay in storage (other versions may share them); nothing collects them yet."""
         return self.transport.delete(check_name(name), version)
+
+
+def _warn_damaged(listing: Listing) -> None:
+    for entry in listing.damaged:
+        warnings.warn(
+            f"object {entry['name']!r} version {entry['version']} is damaged: "
+            f"{entry['damaged']}; dk.rm({entry['name']!r}, version={entry['version']}) "
+            "removes it",
+            StorageWarning,
+            stacklevel=3,
+        )
+
+
+class StorageWarning(UserWarning):
+    """Something in storage needs the user's attention (a damaged object, say)."""
 
 
 def _walk(root: Path) -> Iterator[tuple[str, Path]]:

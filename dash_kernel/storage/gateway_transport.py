@@ -19,9 +19,16 @@ from requests.adapters import HTTPAdapter
 
 from ..errors import GatewayError
 from .backends import Data, NotFound, StorageError
-from .transport import ChunksMissing, bounded_map, check_name, check_sha, default_threads
+from .transport import (
+    ChunksMissing,
+    DamagedManifest,
+    bounded_map,
+    check_name,
+    check_sha,
+    default_threads,
+)
 
-__all__ = ["STORAGE_TOKEN_HEADER", "GatewayTransport"]
+__all__ = ["DAMAGED_STATUS", "STORAGE_TOKEN_HEADER", "GatewayTransport"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,8 @@ ATTEMPTS = 4
 API_TIMEOUT = (10.0, 120.0)
 CHUNK_TIMEOUT = (10.0, 300.0)
 _RETRY_STATUS = {429, 500, 502, 503, 504}
+# What the gateway answers for a version whose stored manifest is damaged.
+DAMAGED_STATUS = 422
 
 
 class _Refused(Exception):
@@ -73,6 +82,15 @@ def _message(response: requests.Response) -> str:
     if code or message:
         return ": ".join(m.group(1) for m in (code, message) if m)
     return text.strip()[:300] or response.reason or ""
+
+
+def _damaged(response: requests.Response) -> StorageError:
+    """The gateway's answer for a damaged manifest, as the DamagedManifest it reports."""
+    try:
+        body = response.json()
+        return DamagedManifest(str(body["name"]), int(body["version"]), str(body["damaged"]))
+    except (ValueError, KeyError, TypeError):
+        return StorageError(_message(response))
 
 
 class GatewayTransport:
@@ -199,6 +217,8 @@ class GatewayTransport:
             raise self._refused(what, response)
         if response.status_code == 409:
             raise ChunksMissing([], _message(response))
+        if response.status_code == DAMAGED_STATUS:
+            raise _damaged(response)
         raise StorageError(
             f"the DASH gateway at {self.url} answered HTTP {response.status_code} for "
             f"{what}: {_message(response)}"
@@ -346,6 +366,17 @@ class GatewayTransport:
                     raise StorageError(str(exc)) from None
 
         yield from bounded_map(self.executor, download, located(), self.threads)
+
+    def discard_damaged(self, hashes: Iterable[str]) -> list[str]:
+        unique = [check_sha(h) for h in dict.fromkeys(hashes)]
+        deleted: list[str] = []
+        for start in range(0, len(unique), MISSING_BATCH):
+            batch = unique[start : start + MISSING_BATCH]
+            deleted += self._api("POST", f"{API}/chunks/damaged", {"chunks": batch})["deleted"]
+        with self._lock:
+            for sha in deleted:
+                self._uploads.pop(sha, None)
+        return deleted
 
     # manifests
 

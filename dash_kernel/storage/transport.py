@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -14,9 +15,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from .backends import AlreadyExists, Backend, Data, NotFound, StorageError
+from .manifest import check_manifest, check_stored_manifest
 
 __all__ = [
     "ChunksMissing",
+    "DamagedManifest",
     "DirectTransport",
     "Transport",
     "bounded_map",
@@ -36,11 +39,8 @@ USER_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 SHA_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 # A manifest's file name; a name segment like this would collide with one on a local disk.
 _VERSION_FILE = re.compile(r"^(\d{10})\.json$")
-FORMATS = {
-    "pickle-oob-1": ("pickle", "buffer"),
-    "files-1": ("file",),
-    "variables-1": ("pack", "pickle", "buffer"),
-}
+# Session checkpoints (dash_kernel.checkpoints) live under this prefix.
+CHECKPOINT_PREFIX = "sessions/"
 # Exclusive-create retries when concurrent saves of one name race for a version number.
 _VERSION_ATTEMPTS = 20
 
@@ -76,6 +76,23 @@ class ChunksMissing(StorageError):
         super().__init__(message)
 
 
+class DamagedManifest(StorageError):
+    """A stored manifest that cannot be read (not JSON, or not a valid manifest): the
+    object's version is unusable, and removing it is the way out."""
+
+    def __init__(self, name: str, version: int, reason: str):
+        self.name, self.version, self.reason = name, version, reason
+        super().__init__(
+            f"object {name!r} version {version} is damaged: {reason}; remove it with "
+            f"dk.rm({name!r}, version={version})"
+        )
+
+
+def damaged_entry(name: str, version: int, reason: str) -> dict[str, Any]:
+    """What listings show for a version whose manifest is damaged."""
+    return {"name": name, "version": version, "damaged": reason}
+
+
 def check_user(user: str) -> str:
     if not isinstance(user, str) or not USER_PATTERN.match(user):
         raise ValueError(f"invalid storage user {user!r}")
@@ -105,93 +122,17 @@ def summary(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in manifest.items() if k != "parts"}
 
 
+def created_at(entry: dict[str, Any]) -> float:
+    """A manifest's ``created`` as a Unix time (0 if it has none that parses)."""
+    try:
+        text = str(entry["created"]).replace("Z", "+00:00")
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except (KeyError, ValueError):
+        return 0.0
+
+
 def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def check_manifest(manifest: Any) -> dict[str, Any]:
-    """``manifest`` if its shape is valid (as sent to ``put_manifest``); ValueError otherwise.
-
-    Used on manifests that come from clients, so it checks types, not only keys.
-    """
-    if not isinstance(manifest, dict):
-        raise ValueError("a manifest is a JSON object")
-    check_name(manifest.get("name"))
-    fmt = manifest.get("format")
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown manifest format {fmt!r}; known: {', '.join(FORMATS)}")
-    size, chunk_size = manifest.get("size"), manifest.get("chunk_size")
-    if not isinstance(size, int) or size < 0:
-        raise ValueError("manifest size must be a non-negative integer")
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError("manifest chunk_size must be a positive integer")
-    if not isinstance(manifest.get("metadata", {}), dict):
-        raise ValueError("manifest metadata must be a JSON object")
-    if not isinstance(manifest.get("type", ""), str):
-        raise ValueError("manifest type must be a string")
-    parts = manifest.get("parts")
-    if not isinstance(parts, list):
-        raise ValueError("manifest parts must be a list")
-    total = 0
-    for i, part in enumerate(parts):
-        if not isinstance(part, dict) or part.get("role") not in FORMATS[fmt]:
-            raise ValueError(f"manifest part {i} must have a role among {FORMATS[fmt]}")
-        psize, chunks = part.get("size"), part.get("chunks")
-        if not isinstance(psize, int) or psize < 0 or not isinstance(chunks, list):
-            raise ValueError(f"manifest part {i} needs an integer size and a list of chunks")
-        if len(chunks) != -(-psize // chunk_size):
-            raise ValueError(
-                f"manifest part {i} has {len(chunks)} chunks for {psize} bytes "
-                f"in chunks of {chunk_size}"
-            )
-        for sha in chunks:
-            check_sha(sha)
-        if part["role"] == "file":
-            path = part.get("path")
-            if not isinstance(path, str) or not path:
-                raise ValueError(f"manifest part {i} (a file) needs a relative path")
-            segments = path.split("/")
-            if path.startswith("/") or any(s in ("", ".", "..") for s in segments):
-                raise ValueError(f"manifest part {i} has an unsafe path {path!r}")
-        total += psize
-    if fmt == "pickle-oob-1" and (not parts or parts[0]["role"] != "pickle"):
-        raise ValueError("a pickle-oob-1 manifest starts with its pickle part")
-    if total != size:
-        raise ValueError(f"manifest size {size} is not the sum of its parts' sizes ({total})")
-    if fmt == "variables-1":
-        _check_variables(manifest.get("variables"), parts)
-    return manifest
-
-
-def _check_variables(variables: Any, parts: list[dict[str, Any]]) -> None:
-    """A variables-1 manifest's index: each variable is a slice of the pack (part 0) or a
-    pickle part followed by its buffer parts."""
-    if not isinstance(variables, list):
-        raise ValueError("a variables-1 manifest needs a list of variables")
-    for i, variable in enumerate(variables):
-        if not isinstance(variable, dict) or not isinstance(variable.get("name"), str):
-            raise ValueError(f"manifest variable {i} needs a name")
-        if "pack" in variable:
-            span = variable["pack"]
-            ok = (
-                parts
-                and parts[0]["role"] == "pack"
-                and isinstance(span, list)
-                and len(span) == 2
-                and all(isinstance(n, int) and n >= 0 for n in span)
-                and span[0] + span[1] <= parts[0]["size"]
-            )
-        else:
-            indices = variable.get("parts")
-            ok = (
-                isinstance(indices, list)
-                and bool(indices)
-                and all(isinstance(n, int) and 0 <= n < len(parts) for n in indices)
-                and parts[indices[0]]["role"] == "pickle"
-                and all(parts[n]["role"] == "buffer" for n in indices[1:])
-            )
-        if not ok:
-            raise ValueError(f"manifest variable {i} ({variable['name']!r}) has a bad layout")
 
 
 def manifest_chunks(manifest: dict[str, Any]) -> list[str]:
@@ -246,6 +187,10 @@ class Transport(Protocol):
     def get_chunks(self, hashes: Iterable[str]) -> Iterator[tuple[str, bytes]]:
         """``(sha, data)`` for each hash, fetched in parallel, in completion order;
         :class:`NotFound` if one is missing."""
+
+    def discard_damaged(self, hashes: Iterable[str]) -> list[str]:
+        """Delete those of ``hashes`` whose stored bytes fail their sha256 (storage checks
+        them itself); returns the ones deleted."""
 
     def put_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Record a new version: checks the manifest and that every chunk it names is
@@ -328,6 +273,26 @@ class DirectTransport:
 
         yield from bounded_map(self.executor, get, dict.fromkeys(hashes), self.threads)
 
+    def discard_damaged(self, hashes: Iterable[str]) -> list[str]:
+        """Delete those of ``hashes`` whose stored bytes do not match their sha256, so that
+        the next save finds them missing and uploads them again; returns those deleted.
+        Each is read and hashed here: a reader's word alone deletes nothing."""
+
+        def check(sha: str) -> str | None:
+            key = chunk_key(self.user, sha)
+            try:
+                data = self.backend.get(key)
+            except NotFound:
+                return None
+            if hashlib.sha256(data).hexdigest() == sha:
+                return None
+            self.backend.delete(key)
+            log.warning("deleted damaged chunk %s of %s", sha, self.user)
+            return sha
+
+        unique = [check_sha(h) for h in dict.fromkeys(hashes)]
+        return [sha for sha in bounded_map(self.executor, check, unique, self.threads) if sha]
+
     # manifests
 
     def _stored_versions(self, name: str) -> list[int]:
@@ -340,8 +305,22 @@ class DirectTransport:
         return sorted(found)
 
     def _read(self, name: str, version: int) -> dict[str, Any]:
+        """A stored manifest, checked; :class:`DamagedManifest` if it is not one."""
         data = self.backend.get(manifest_key(self.user, name, version))
-        return json.loads(data)
+        try:
+            manifest = json.loads(data)
+        except ValueError as exc:
+            raise DamagedManifest(
+                name, version, f"the manifest is not valid JSON ({exc})"
+            ) from None
+        try:
+            check_stored_manifest(manifest)
+        except ValueError as exc:
+            raise DamagedManifest(name, version, f"the manifest is not valid ({exc})") from None
+        if (manifest["name"], manifest["version"]) != (name, version):
+            found = f"{manifest['name']!r} version {manifest['version']}"
+            raise DamagedManifest(name, version, f"the manifest describes {found}")
+        return manifest
 
     def put_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
         manifest = dict(check_manifest(manifest))
@@ -400,6 +379,10 @@ class DirectTransport:
                 return summary(self._read(*pair))
             except NotFound:
                 return None  # deleted meanwhile
+            except DamagedManifest as exc:
+                # Named, not fatal: the rest of the namespace stays visible and removable.
+                log.warning("%s (user %s)", exc, self.user)
+                return damaged_entry(exc.name, exc.version, exc.reason)
 
         results = [r for r in bounded_map(self.executor, read, pairs, self.threads) if r]
         return sorted(results, key=lambda s: (s["name"], s["version"]))
@@ -437,6 +420,29 @@ class DirectTransport:
             self.backend.delete(manifest_key(self.user, name, v))
         return targets
 
+    # expiry
+
+    def expire_checkpoints(self, older_than: float) -> dict[str, Any]:
+        """Delete every version of each session checkpoint (a ``variables-1`` object under
+        ``sessions/``) whose latest version was created more than ``older_than`` seconds
+        ago; user objects and damaged manifests are never touched. Their chunks are left
+        to :meth:`collect_garbage`."""
+        cutoff = time.time() - older_than
+        expired: list[str] = []
+        kept = 0
+        for entry in self.list_objects(CHECKPOINT_PREFIX):
+            if entry.get("format") != "variables-1" or created_at(entry) > cutoff:
+                kept += 1
+                continue
+            try:
+                self.delete(entry["name"])
+            except NotFound:
+                continue  # removed meanwhile
+            expired.append(entry["name"])
+        if expired:
+            log.info("expired %d session checkpoints of %s", len(expired), self.user)
+        return {"deleted": expired, "kept": kept}
+
     # garbage
 
     def collect_garbage(self, older_than: float) -> dict[str, int]:
@@ -453,9 +459,14 @@ class DirectTransport:
 
         def chunks_of(key: str) -> list[str]:
             try:
-                return manifest_chunks(json.loads(self.backend.get(key)))
+                data = self.backend.get(key)
             except NotFound:
                 return []  # deleted meanwhile
+            try:
+                return manifest_chunks(check_manifest(json.loads(data)))
+            except ValueError:
+                # A damaged manifest: keep every chunk it might still name.
+                return re.findall(r"[0-9a-f]{64}", data.decode("utf-8", "replace"))
 
         referenced: set[str] = set()
         for found in bounded_map(self.executor, chunks_of, keys, self.threads):
