@@ -3,20 +3,26 @@
 A :class:`ResourceSpec` is what a user asks for; :func:`worker_resources` is what a worker
 declares. Both speak Dask's abstract resources, so placement is Dask's own:
 
-=========  ========================================  ===============================
-resource   a worker declares                         a spec asks for
-=========  ========================================  ===============================
-``CPU``    its threads                               ``cpu=4``
-``MEMORY`` its memory limit in bytes                 ``memory="16GB"``
-``GPU``    its GPUs (one per worker, by design)      ``gpu=1``
-``VRAM``   its GPU memory in bytes                   ``vram="24GB"``
-``gpu:T``  1 for each token T of its GPU model       ``gpu="A100"`` (with ``GPU=1``)
-``pool:cpu`` a large capacity, on CPU workers only  (added by the DASH scheduler)
-=========  ========================================  ===============================
+============  ==========================================  ===============================
+resource      a worker declares                           a spec asks for
+============  ==========================================  ===============================
+``CPU``       its threads                                 ``cpu=4``
+``MEMORY``    its memory limit in bytes                   ``memory="16GB"``
+``GPU``       its GPUs: 1, or N on a multi-GPU worker     ``gpu=1``, ``gpu=2``
+``VRAM``      the memory of each of its GPUs, in bytes    ``vram="24GB"``
+``gpu:T``     1 for each token T of its GPU model         ``gpu="A100"`` (with ``GPU=1``)
+``pool:cpu``  a large capacity, on CPU workers only       (added by the DASH scheduler)
+``pool:gpu``  a large capacity, on one-GPU workers only   (added by the DASH scheduler)
+============  ==========================================  ===============================
 
 GPU workers take only GPU work: the DASH scheduler plugin adds ``pool:cpu=1`` to every
 task that asks for no GPU (:func:`placement_restrictions`), and only CPU workers declare
 ``pool:cpu``. ``vram=`` alone shares a GPU: VRAM is consumed, ``GPU`` is not.
+
+A machine sharing N ≥ 2 GPUs of one model also runs a multi-GPU worker declaring
+``GPU=N``, which sees all N (``dash_worker.plan``); work asking for fewer than 2 GPUs gets
+``pool:gpu=1`` added, which only one-GPU workers declare, so it never holds all N GPUs.
+The workers of one GPU never use it at once (``dash_worker.gpu_locks``).
 
 A model name is matched by tokens, so ``gpu="A100"`` and ``gpu="RTX 4090"`` match
 "NVIDIA A100-SXM4-80GB" and "NVIDIA GeForce RTX 4090".
@@ -24,6 +30,8 @@ A model name is matched by tokens, so ``gpu="A100"`` and ``gpu="RTX 4090"`` matc
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 import shlex
 from collections.abc import Iterable, Mapping
@@ -39,6 +47,7 @@ __all__ = [
     "ResourceSpecError",
     "ResourceUnavailable",
     "check_satisfiable",
+    "counted_gpus",
     "describe_wait",
     "gpu_model_tokens",
     "placement_restrictions",
@@ -48,11 +57,17 @@ __all__ = [
 CPU, MEMORY, GPU, VRAM = "CPU", "MEMORY", "GPU", "VRAM"
 MODEL_PREFIX = "gpu:"
 CPU_POOL = "pool:cpu"
-# ``pool:cpu`` is a tag, not a budget: threads bound how much runs at once. A budget would
-# deadlock a task that waits on its own subtasks, as Dask keeps a seceded task's resources.
+GPU_POOL = "pool:gpu"
+# ``pool:cpu`` and ``pool:gpu`` are tags, not budgets: threads bound how much runs at once. A
+# budget would deadlock a task that waits on its own subtasks, as Dask keeps a seceded task's
+# resources.
 POOL_CAPACITY = 1_000_000
 _VENDOR_WORDS = {"nvidia", "amd", "intel", "corporation"}
 SPEC_KEYS = ("gpu", "cpu", "memory", "vram")
+_SIZES = "'16GB' or '512MiB'"
+_NUMERIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+# Meant as numbers, though float() refuses them ("1,5", "1.2.3"): never a GPU model name.
+_NUMERIC_LIKE = re.compile(r"^[+-]?[\d.,]*\d[\d.,]*$")
 
 
 class ResourceSpecError(DashError, ValueError):
@@ -73,21 +88,71 @@ def gpu_model_tokens(model: str) -> list[str]:
     return [t for t in tokens if t not in _VENDOR_WORDS]
 
 
-def _parse_bytes(field_name: str, value: Any) -> int:
+def _shown(value: Any) -> str:
+    # As the user typed it: ``got -1`` for ``--gpu -1``, but ``got ''`` for an empty string.
+    return value.strip() if isinstance(value, str) and value.strip() else repr(value)
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite number if it is one or reads as one ("2", "-1", "1.5"), else None."""
     if isinstance(value, bool):
-        raise ResourceSpecError(f"{field_name} must be a size such as '16GB'; got {value!r}")
-    if isinstance(value, (int, float)):
-        nbytes = int(value)
+        return None
+    if isinstance(value, numbers.Real):
+        number = float(value)
+    elif isinstance(value, str) and _NUMERIC.match(value.strip()):
+        number = float(value.strip())
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _parse_gpu(gpu: Any) -> tuple[int, str | None]:
+    """``(count, model)``: a whole number of GPUs, or one GPU of a named model."""
+    if gpu is None or gpu is False:
+        return 0, None
+    if gpu is True:
+        return 1, None
+    number = _number(gpu)
+    if number is not None and number.is_integer() and number >= 1:
+        return int(number), None
+    text = gpu.strip() if isinstance(gpu, str) else None
+    numeric = text is not None and bool(_NUMERIC.match(text) or _NUMERIC_LIKE.match(text))
+    if text is not None and not numeric and gpu_model_tokens(text):
+        return 1, gpu.strip()
+    raise ResourceSpecError(
+        f"gpu must be a whole number of GPUs ≥ 1 or a model name; got {_shown(gpu)}"
+    )
+
+
+def _parse_cpu(cpu: Any) -> float | int | None:
+    if cpu is None:
+        return None
+    number = _number(cpu)
+    if number is None or number <= 0:
+        raise ResourceSpecError(
+            f"cpu must be a positive number of cores (such as 4 or 0.5); got {_shown(cpu)}"
+        )
+    return int(number) if number.is_integer() else number
+
+
+def _parse_bytes(field_name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    hint = f"{field_name} must be a size above zero, such as {_SIZES}; got {_shown(value)}"
+    if isinstance(value, bool):
+        raise ResourceSpecError(hint)
+    number = _number(value)
+    if number is not None:
+        nbytes = number
     else:
         try:
-            nbytes = parse_bytes(str(value).replace(" ", ""))
-        except (ValueError, TypeError) as exc:
-            raise ResourceSpecError(
-                f"{field_name} must be a size such as '16GB' or '512MiB'; got {value!r}"
-            ) from exc
-    if nbytes <= 0:
-        raise ResourceSpecError(f"{field_name} must be positive; got {value!r}")
-    return nbytes
+            nbytes = float(parse_bytes(str(value).replace(" ", "")))
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ResourceSpecError(hint) from exc
+    # Below one byte (0.5, "-1GB", "0") is no size at all.
+    if not math.isfinite(nbytes) or nbytes < 1:
+        raise ResourceSpecError(hint)
+    return int(nbytes)
 
 
 @dataclass(frozen=True)
@@ -110,41 +175,13 @@ class ResourceSpec:
         vram: int | str | None = None,
     ) -> ResourceSpec:
         """Build a spec from keyword values, as given to ``dk.remote`` or ``%%dash``."""
-        n_gpu, model = 0, None
-        if gpu is None or gpu is False:
-            pass
-        elif gpu is True:
-            n_gpu = 1
-        elif isinstance(gpu, int):
-            n_gpu = gpu
-        elif isinstance(gpu, str) and gpu.strip().isdigit():
-            n_gpu = int(gpu)
-        elif isinstance(gpu, str) and gpu_model_tokens(gpu):
-            n_gpu, model = 1, gpu.strip()
-        else:
-            raise ResourceSpecError(
-                f"gpu must be a count (gpu=1) or a model name (gpu='A100'); got {gpu!r}"
-            )
-        if n_gpu < 0:
-            raise ResourceSpecError(f"gpu must not be negative; got {gpu!r}")
-
-        n_cpu = None
-        if cpu is not None:
-            try:
-                n_cpu = float(cpu)
-            except (TypeError, ValueError) as exc:
-                raise ResourceSpecError(f"cpu must be a number of cores; got {cpu!r}") from exc
-            if isinstance(cpu, bool) or n_cpu <= 0:
-                raise ResourceSpecError(f"cpu must be a positive number of cores; got {cpu!r}")
-            if n_cpu.is_integer():
-                n_cpu = int(n_cpu)
-
+        n_gpu, model = _parse_gpu(gpu)
         spec = cls(
             gpu=n_gpu,
             gpu_model=model,
-            cpu=n_cpu,
-            memory=None if memory is None else _parse_bytes("memory", memory),
-            vram=None if vram is None else _parse_bytes("vram", vram),
+            cpu=_parse_cpu(cpu),
+            memory=_parse_bytes("memory", memory),
+            vram=_parse_bytes("vram", vram),
         )
         object.__setattr__(spec, "_text", spec._describe())
         return spec
@@ -221,23 +258,38 @@ def worker_resources(
     memory_limit: int | None,
     gpu_model: str | None = None,
     vram: int | None = None,
+    gpus: int = 1,
 ) -> dict[str, float]:
-    """The resources a worker declares: its threads, memory and (at most one) GPU.
+    """The resources a worker declares: its threads, memory and GPUs.
 
-    A worker without a GPU is a CPU worker and declares the ``pool:cpu`` tag.
+    A worker without a GPU is a CPU worker and declares the ``pool:cpu`` tag; a worker with
+    one GPU declares ``pool:gpu``; a worker holding ``gpus`` ≥ 2 GPUs of one model declares
+    ``GPU=gpus`` and neither tag, so that only work asking for two or more GPUs lands there.
+    ``vram`` is the memory of each of its GPUs.
     """
+    if gpus < 1:
+        raise ValueError(f"a GPU worker holds 1 or more GPUs, not {gpus}")
     out: dict[str, float] = {CPU: nthreads}
     if memory_limit:
         out[MEMORY] = int(memory_limit)
-    if gpu_model:
-        out[GPU] = 1
-        if vram:
-            out[VRAM] = int(vram)
-        for token in gpu_model_tokens(gpu_model):
-            out[MODEL_PREFIX + token] = 1
-    else:
+    if not gpu_model:
         out[CPU_POOL] = POOL_CAPACITY
+        return out
+    out[GPU] = gpus
+    if vram:
+        out[VRAM] = int(vram)
+    for token in gpu_model_tokens(gpu_model):
+        out[MODEL_PREFIX + token] = 1
+    if gpus == 1:
+        out[GPU_POOL] = POOL_CAPACITY
     return out
+
+
+def counted_gpus(resources: Mapping[str, float]) -> int:
+    """The GPUs a worker adds to a count of its cluster's GPUs: none for a multi-GPU
+    worker, whose GPUs are also its machine's one-GPU workers'."""
+    gpus = int(resources.get(GPU, 0))
+    return 0 if gpus >= 2 and GPU_POOL not in resources else gpus
 
 
 def is_gpu_work(resources: Mapping[str, float] | None) -> bool:
@@ -246,11 +298,15 @@ def is_gpu_work(resources: Mapping[str, float] | None) -> bool:
 
 
 def placement_restrictions(resources: Mapping[str, float] | None) -> dict[str, float]:
-    """The restrictions the DASH scheduler places work by: GPU work as asked, all other
-    work on a CPU worker (``pool:cpu``), so it never takes a GPU worker's slot."""
+    """The restrictions the DASH scheduler places work by: work that asks for no GPU on a
+    CPU worker (``pool:cpu``), so it never takes a GPU worker's slot; work that asks for
+    one GPU, a model or VRAM on a one-GPU worker (``pool:gpu``), so it never holds all the
+    GPUs of a multi-GPU worker; work that asks for two or more GPUs as asked."""
     out = dict(resources or {})
     if not is_gpu_work(out):
         out[CPU_POOL] = out.get(CPU_POOL, 1)
+    elif out.get(GPU, 0) < 2:
+        out[GPU_POOL] = out.get(GPU_POOL, 1)
     return out
 
 
@@ -310,6 +366,11 @@ def check_satisfiable(
 def _explain(key: str, amount: float, have: Mapping[str, float]) -> str:
     if key == CPU_POOL:
         return "it is a GPU worker, and GPU workers take only work that asks for a GPU"
+    if key == GPU_POOL:
+        gpus = have.get(GPU, 0)
+        if not gpus:
+            return "it has no GPU"
+        return f"it holds {gpus:g} GPUs together and takes only work that asks for 2 or more"
     if key.startswith(MODEL_PREFIX):
         return f"no GPU model matching {key[len(MODEL_PREFIX) :]!r}"
     if key in (MEMORY, VRAM):

@@ -9,7 +9,7 @@ from typing import Any
 from dask.utils import format_bytes
 
 from .cluster import Connection
-from .resources import format_resources
+from .resources import counted_gpus, format_resources
 
 __all__ = ["ClusterStatus", "WorkersTable", "cluster_status"]
 
@@ -96,7 +96,7 @@ def cluster_status(conn: Connection) -> ClusterStatus:
         resources = worker.get("resources") or {}
         threads += worker.get("nthreads", 0)
         memory += worker.get("memory_limit") or 0
-        gpus += int(resources.get("GPU", 0))
+        gpus += counted_gpus(resources)
         rows.append(
             {
                 "name": str(worker.get("name", address)),

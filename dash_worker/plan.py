@@ -5,26 +5,34 @@ The rule, for a machine M sharing ``cpus`` cores, ``memory`` bytes and some GPUs
 - one worker ``M-gpu<index>`` per shared GPU, with ``gpu_threads`` threads,
   ``CUDA_VISIBLE_DEVICES`` set to that GPU (its UUID when NVML gave one), and resources
   ``GPU=1``, ``VRAM``, the model's ``gpu:<token>`` tags;
+- for each GPU model with N ≥ 2 shared GPUs, one more worker ``M-gpu<i>+<j>...`` with
+  ``gpu_threads`` threads, ``CUDA_VISIBLE_DEVICES`` naming all N, and resources ``GPU=N``,
+  ``VRAM`` (of each GPU) and the model's tags, for work that asks for 2 or more GPUs
+  (``gpu=2``). It and the one-GPU workers never use a GPU at once: their tasks hold per-GPU
+  locks, and a one-GPU worker pauses while the multi-GPU worker wants its GPU
+  (:mod:`dash_worker.gpu_locks`). A slice of N GPUs, as a per-user lease will be;
 - one worker ``M-cpu`` with ``cpus`` threads if ``cpus > 0``, with no GPU visible;
 - ``memory`` is split equally between these workers (rounded down to a MiB), and each
   declares its share as ``MEMORY`` and has it as its Dask memory limit (the nanny restarts
   a worker that goes over it). Equally, not by threads: a GPU worker's host memory need
   follows its GPU (staging batches, loading checkpoints), not its two driver threads, so a
-  per-thread split would starve GPUs that sit beside a many-core CPU worker.
+  per-thread split would starve GPUs that sit beside a many-core CPU worker. A multi-GPU
+  worker has a share too: it may hold data while the one-GPU workers do, and the cap holds.
 - the whole agent is pinned to ``cpus`` cores; with ``--cpus 0`` (GPUs only) to one core
-  per GPU worker, since a GPU worker's threads still need a core to drive the GPU.
+  per shared GPU, since a GPU worker's threads still need a core to drive the GPU.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dask.utils import format_bytes, parse_bytes
 
 from dash_kernel.resources import worker_resources
+from dash_worker.gpu_locks import LOCKS_ENV, lock_config
 
 __all__ = [
     "CapsError",
@@ -38,6 +46,7 @@ __all__ = [
     "plan_workers",
     "resolve_caps",
     "validate_machine_name",
+    "with_gpu_locks",
 ]
 
 MACHINE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
@@ -60,7 +69,13 @@ class WorkerSpec:
     memory_limit: int
     resources: dict[str, float]
     env: dict[str, str] = field(default_factory=dict)
+    # The one GPU of a one-GPU worker; a multi-GPU worker has them in ``gpus`` instead.
     gpu: dict[str, Any] | None = None
+    gpus: tuple[dict[str, Any], ...] = ()
+    # Names of the GPU locks its tasks take (:mod:`dash_worker.gpu_locks`), and whether
+    # it reserves them (a multi-GPU worker) or pauses while another worker does.
+    gpu_locks: tuple[str, ...] = ()
+    reserves_gpus: bool = False
 
 
 def validate_machine_name(name: str) -> str:
@@ -177,6 +192,24 @@ def resolve_caps(
     return {"cpus": cpus, "memory": int(nbytes), "gpus": indices}
 
 
+def _multi_gpu_groups(shared: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+    """The shared GPUs of each model that has two or more of them, in index order."""
+    by_model: dict[str, list[Mapping[str, Any]]] = {}
+    for gpu in shared:
+        by_model.setdefault(str(gpu["name"]), []).append(gpu)
+    return [group for group in by_model.values() if len(group) >= 2]
+
+
+def _device(gpu: Mapping[str, Any]) -> str:
+    # A UUID names the same GPU whatever order CUDA enumerates devices in (its default,
+    # fastest first, differs from NVML's PCI order on mixed machines).
+    return str(gpu.get("uuid") or gpu["index"])
+
+
+def _lock_name(identity: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", identity)
+
+
 def plan_workers(
     machine: str,
     hardware: Mapping[str, Any],
@@ -188,8 +221,9 @@ def plan_workers(
         raise CapsError(f"--gpu-threads must be 1 or more; got {gpu_threads}")
     by_index = {int(g["index"]): g for g in hardware.get("gpus") or []}
     shared = [by_index[i] for i in caps["gpus"] if i in by_index]
+    groups = _multi_gpu_groups(shared)
     cpus = int(caps["cpus"])
-    nworkers = len(shared) + (1 if cpus > 0 else 0)
+    nworkers = len(shared) + len(groups) + (1 if cpus > 0 else 0)
     if nworkers == 0:
         raise CapsError("nothing to share: no CPU cores and none of the capped GPUs is present")
     share = int(caps["memory"]) // nworkers // MIB * MIB
@@ -199,21 +233,10 @@ def plan_workers(
             f"leaves {format_bytes(share)} each; each needs at least "
             f"{format_bytes(MIN_WORKER_MEMORY)}"
         )
-    specs = [
-        WorkerSpec(
-            name=f"{machine}-gpu{gpu['index']}",
-            nthreads=gpu_threads,
-            memory_limit=share,
-            resources=worker_resources(
-                gpu_threads, share, gpu_model=str(gpu["name"]), vram=int(gpu["vram"])
-            ),
-            # A UUID names the same GPU whatever order CUDA enumerates devices in (its
-            # default, fastest first, differs from NVML's PCI order on mixed machines).
-            env={"CUDA_VISIBLE_DEVICES": str(gpu.get("uuid") or gpu["index"])},
-            gpu=dict(gpu),
-        )
-        for gpu in shared
-    ]
+    # Only GPUs that a multi-GPU worker also sees need locks.
+    locks = gpu_identities(hardware, (int(g["index"]) for group in groups for g in group))
+    specs = [_one_gpu_worker(machine, gpu, gpu_threads, share, locks) for gpu in shared]
+    specs += [_multi_gpu_worker(machine, group, gpu_threads, share, locks) for group in groups]
     if cpus > 0:
         specs.append(
             WorkerSpec(
@@ -226,6 +249,58 @@ def plan_workers(
             )
         )
     return specs
+
+
+def _one_gpu_worker(
+    machine: str, gpu: Mapping[str, Any], threads: int, memory: int, locks: Mapping[str, str]
+) -> WorkerSpec:
+    identity = locks.get(str(gpu["index"]))
+    return WorkerSpec(
+        name=f"{machine}-gpu{gpu['index']}",
+        nthreads=threads,
+        memory_limit=memory,
+        resources=worker_resources(
+            threads, memory, gpu_model=str(gpu["name"]), vram=int(gpu["vram"])
+        ),
+        env={"CUDA_VISIBLE_DEVICES": _device(gpu)},
+        gpu=dict(gpu),
+        gpu_locks=(_lock_name(identity),) if identity else (),
+    )
+
+
+def _multi_gpu_worker(
+    machine: str,
+    group: Sequence[Mapping[str, Any]],
+    threads: int,
+    memory: int,
+    locks: Mapping[str, str],
+) -> WorkerSpec:
+    return WorkerSpec(
+        name=f"{machine}-gpu" + "+".join(str(g["index"]) for g in group),
+        nthreads=threads,
+        memory_limit=memory,
+        resources=worker_resources(
+            threads,
+            memory,
+            gpu_model=str(group[0]["name"]),
+            vram=min(int(g["vram"]) for g in group),
+            gpus=len(group),
+        ),
+        env={"CUDA_VISIBLE_DEVICES": ",".join(_device(g) for g in group)},
+        gpus=tuple(dict(g) for g in group),
+        gpu_locks=tuple(_lock_name(locks[str(g["index"])]) for g in group),
+        reserves_gpus=True,
+    )
+
+
+def with_gpu_locks(workers: Iterable[WorkerSpec], directory: str) -> list[WorkerSpec]:
+    """``workers``, those that share GPUs with another worker told where their locks are."""
+    return [
+        replace(w, env={**w.env, LOCKS_ENV: lock_config(directory, w.gpu_locks, w.reserves_gpus)})
+        if w.gpu_locks
+        else w
+        for w in workers
+    ]
 
 
 def affinity_cores(

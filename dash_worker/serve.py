@@ -47,7 +47,8 @@ def build_nanny(
     env: dict[str, str] | None = None,
     death_timeout: float | None = None,
 ) -> Nanny:
-    """The one way to build a DASH worker: mutual TLS, the session host preloaded, no dashboard."""
+    """The one way to build a DASH worker: mutual TLS, no dashboard, the session host and the
+    GPU locks (:mod:`dash_worker.gpu_locks`, idle unless ``env`` configures them) preloaded."""
     # Dask's worker HTTP server has no authentication: keep only the health check. Nannies
     # hand this configuration to their worker processes.
     dask.config.set({"distributed.worker.http.routes": ["distributed.http.health"]})
@@ -62,7 +63,7 @@ def build_nanny(
         protocol="tls",
         local_directory=local_directory,
         dashboard=False,
-        preload=["dash_worker.session_host"],
+        preload=["dash_worker.session_host", "dash_worker.gpu_locks"],
         env=env or {},
         death_timeout=death_timeout,
     )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,9 +60,14 @@ class KernelDriver:
         kernel_name: str = "python3",
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        extra_arguments: list[str] | None = None,
     ):
         self.manager = KernelManager(kernel_name=kernel_name)
-        self.manager.start_kernel(env=dict(os.environ) if env is None else env, cwd=cwd)
+        self.manager.start_kernel(
+            env=dict(os.environ) if env is None else env,
+            cwd=cwd,
+            extra_arguments=extra_arguments or [],
+        )
         self.client = self.manager.client()
         self.client.start_channels()
         self.client.wait_for_ready(timeout=60)
@@ -117,3 +124,21 @@ class KernelDriver:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+@contextlib.contextmanager
+def dash_ipython_kernel(
+    env: dict[str, str], cwd: str, setup: str = "%load_ext dash_kernel", timeout: float = 60
+) -> Iterator[KernelDriver]:
+    """A plain IPython kernel with ``setup`` (DASH's extension, by default) run in it,
+    shut down afterwards."""
+    with KernelDriver(env=env, cwd=cwd) as kernel:
+        done = kernel.execute(setup, timeout=timeout)
+        assert done.status == "ok", done.traceback_text()
+        yield kernel
+
+
+def without_dash_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """``environ`` (this process's by default) without any ``DASH_*`` variable: a kernel
+    that knows no gateway."""
+    return {k: v for k, v in (environ or os.environ).items() if not k.startswith("DASH_")}

@@ -43,6 +43,7 @@ from dash_worker.plan import (
     parse_gpu_selection,
     plan_workers,
     resolve_caps,
+    with_gpu_locks,
 )
 
 GiB = 2**30
@@ -87,20 +88,24 @@ def test_plan_shares_everything_by_default() -> None:
     caps = resolve_caps(hardware)
     assert caps == {"cpus": 16, "memory": 64 * GiB, "gpus": [0, 1]}
     workers = plan_workers("box", hardware, caps, gpu_threads=2)
-    assert [w.name for w in workers] == ["box-gpu0", "box-gpu1", "box-cpu"]
-    assert [w.nthreads for w in workers] == [2, 2, 16]
+    assert [w.name for w in workers] == ["box-gpu0", "box-gpu1", "box-gpu0+1", "box-cpu"]
+    assert [w.nthreads for w in workers] == [2, 2, 2, 16]
     # An equal share each, rounded down to a MiB.
-    share = 64 * GiB // 3 // 2**20 * 2**20
-    assert [w.memory_limit for w in workers] == [share] * 3
+    share = 64 * GiB // 4 // 2**20 * 2**20
+    assert [w.memory_limit for w in workers] == [share] * 4
     assert [w.env for w in workers] == [
         {"CUDA_VISIBLE_DEVICES": UUID0},
         {"CUDA_VISIBLE_DEVICES": UUID1},
+        {"CUDA_VISIBLE_DEVICES": f"{UUID0},{UUID1}"},
         {"CUDA_VISIBLE_DEVICES": ""},
     ]
     assert workers[0].resources == worker_resources(2, share, gpu_model="NVIDIA H200", vram=H200)
     assert workers[0].resources["GPU"] == 1 and workers[0].resources["gpu:h200"] == 1
-    assert workers[2].resources == worker_resources(16, share)
-    assert "GPU" not in workers[2].resources
+    assert workers[2].resources == worker_resources(
+        2, share, gpu_model="NVIDIA H200", vram=H200, gpus=2
+    )
+    assert workers[3].resources == worker_resources(16, share)
+    assert "GPU" not in workers[3].resources
     assert affinity_cores(caps, workers, range(16)) == list(range(16))
 
 
@@ -127,9 +132,9 @@ def test_plan_cpus_zero_shares_gpus_only() -> None:
     hardware = _two_h200()
     caps = resolve_caps(hardware, cpus=0)
     workers = plan_workers("box", hardware, caps)
-    assert [w.name for w in workers] == ["box-gpu0", "box-gpu1"]
-    assert [w.memory_limit for w in workers] == [32 * GiB, 32 * GiB]
-    # A GPU worker's threads still need a core: one per GPU worker.
+    assert [w.name for w in workers] == ["box-gpu0", "box-gpu1", "box-gpu0+1"]
+    assert [w.memory_limit for w in workers] == [64 * GiB // 3 // 2**20 * 2**20] * 3
+    # A GPU worker's threads still need a core: one per GPU (the 2-GPU worker uses theirs).
     assert affinity_cores(caps, workers, range(16)) == [14, 15]
 
 
@@ -155,6 +160,39 @@ def test_plan_declared_gpu() -> None:
     }
 
 
+def test_plan_a_multi_gpu_worker_per_model_with_locks_on_its_gpus() -> None:
+    a100 = "NVIDIA A100-SXM4-80GB"
+    hardware = _hardware(
+        [
+            _gpu(0, "NVIDIA H200", H200, UUID0),
+            _gpu(1, a100, 80 * 10**9, None),
+            _gpu(2, a100, 40 * 10**9, None),
+        ]
+    )
+    workers = plan_workers("lab", hardware, resolve_caps(hardware, cpus=2, memory="10GiB"))
+    by_name = {w.name: w for w in workers}
+    assert list(by_name) == ["lab-gpu0", "lab-gpu1", "lab-gpu2", "lab-gpu1+2", "lab-cpu"]
+    both = by_name["lab-gpu1+2"]
+    assert both.env == {"CUDA_VISIBLE_DEVICES": "1,2"}
+    assert both.resources["GPU"] == 2 and both.resources["VRAM"] == 40 * 10**9  # of each
+    assert both.gpu is None and [g["index"] for g in both.gpus] == [1, 2]
+    # The lone H200 needs no lock: no other worker sees it.
+    assert by_name["lab-gpu0"].gpu_locks == ()
+    assert by_name["lab-gpu1"].gpu_locks == ("declared-0",)
+    assert both.gpu_locks == ("declared-0", "declared-1") and both.reserves_gpus
+    assert not by_name["lab-gpu2"].reserves_gpus
+
+    located = {w.name: w for w in with_gpu_locks(workers, "/run/locks")}
+    assert json.loads(located["lab-gpu1+2"].env["DASH_GPU_LOCKS"]) == {
+        "dir": "/run/locks",
+        "gpus": ["declared-0", "declared-1"],
+        "reserve": True,
+    }
+    assert json.loads(located["lab-gpu2"].env["DASH_GPU_LOCKS"])["reserve"] is False
+    assert located["lab-gpu0"].env == {"CUDA_VISIBLE_DEVICES": UUID0}
+    assert "DASH_GPU_LOCKS" not in located["lab-cpu"].env
+
+
 def test_caps_larger_than_the_machine() -> None:
     hardware = _two_h200()
     with pytest.raises(CapsError, match="--cpus 32 is more than this machine's 16 CPU cores"):
@@ -177,7 +215,7 @@ def test_caps_larger_than_the_machine() -> None:
 def test_memory_too_small_to_split() -> None:
     hardware = _two_h200()
     caps = resolve_caps(hardware, memory="600MiB")
-    with pytest.raises(CapsError, match=r"split over 3 worker\(s\) leaves 200.00 MiB each"):
+    with pytest.raises(CapsError, match=r"split over 4 worker\(s\) leaves 150.00 MiB each"):
         plan_workers("box", hardware, caps)
 
 
