@@ -12,6 +12,7 @@ from traitlets import Bool, Float, Unicode
 from traitlets.config import Application
 from traitlets.config.loader import ConfigFileNotFound
 
+from dash_gateway.app import DashGateway
 from dash_gateway.registry import OPERATOR, Registry, RegistryError, iso
 
 DEFAULT_GATEWAY_URL = "http://127.0.0.1:8888/"
@@ -27,6 +28,8 @@ class RegistryCommand(JupyterApp):
     config_file_name = Unicode("jupyter_server_config", config=True)
     aliases = {**base_aliases, "data-dir": "DashGateway.data_dir"}
     flags = dict(base_flags)
+    # --help describes each alias from its trait: DashGateway's traits must be known here.
+    classes = [DashGateway]
     _gateway: Any = None
 
     def load_config_file(self, suppress_errors: bool = True) -> None:  # type: ignore[override]
@@ -39,8 +42,6 @@ class RegistryCommand(JupyterApp):
 
     def gateway_setting(self, name: str) -> Any:
         """A ``DashGateway`` trait as the gateway would see it (config files, command line)."""
-        from dash_gateway.app import DashGateway
-
         if self._gateway is None:
             self._gateway = DashGateway(config=self.config)
         return getattr(self._gateway, name)
@@ -135,6 +136,7 @@ class UsersApp(Application):
     name = "dash-gateway-users"
     description = "Manage DASH user accounts and their API tokens."
     aliases = {"data-dir": "DashGateway.data_dir"}
+    classes = [DashGateway]
     subcommands = {
         "add": (UsersAddApp, UsersAddApp.description),
         "list": (UsersListApp, UsersListApp.description),

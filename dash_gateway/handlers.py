@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
+import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 from tornado import web
 
 from dash_gateway.cluster import ClusterSupervisor
@@ -22,6 +29,19 @@ AUTH_NEEDED = (
     "authentication needed: send 'Authorization: token <token>' with the server's token, "
     "or with an account token made by 'dash-gateway users add NAME'"
 )
+# No DASH request nests this deep; past it a body is refused before anything recurses over it.
+MAX_JSON_DEPTH = 64
+# Where the API's description lives, and the URI its schemas' "#/components/..." refs resolve in.
+OPENAPI_FILE = "openapi.yaml"
+OPENAPI_URI = "urn:dash:openapi"
+MAX_MESSAGE_VALUE = 200
+
+try:
+    from jupyter_server.auth.decorator import allow_unauthenticated
+except ImportError:  # jupyter_server < 2.13: every handler is reachable without a login anyway
+
+    def allow_unauthenticated(method: Any) -> Any:  # type: ignore[no-redef]
+        return method
 
 
 class JSONAPIHandler(APIHandler):
@@ -36,11 +56,18 @@ class JSONAPIHandler(APIHandler):
         """The request body as a JSON object ({} when empty); 400 if it is anything else."""
         if not self.request.body.strip():
             return {}
+        too_deep = web.HTTPError(
+            400, f"the request body nests more than {MAX_JSON_DEPTH} levels deep"
+        )
         try:
             body = json.loads(self.request.body)
         except ValueError:
             # The body may carry a token: say what is wrong, never echo it.
             raise web.HTTPError(400, "the request body is not valid JSON") from None
+        except RecursionError:
+            raise too_deep from None
+        if json_depth_exceeds(body, MAX_JSON_DEPTH):
+            raise too_deep
         if not isinstance(body, dict):
             raise web.HTTPError(400, "the request body must be a JSON object")
         return body
@@ -58,6 +85,47 @@ class JSONAPIHandler(APIHandler):
 def http_error(status: int, message: str) -> web.HTTPError:
     """An HTTP error whose ``message`` reaches the client as it is (``%`` included)."""
     return web.HTTPError(status, "%s", message)
+
+
+@functools.cache
+def openapi_description() -> dict[str, Any]:
+    """The API's OpenAPI description, as shipped in the package (``openapi.yaml``)."""
+    text = files("dash_gateway").joinpath(OPENAPI_FILE).read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+@functools.cache
+def _schema_validator(name: str) -> Draft202012Validator:
+    resource = Resource.from_contents(openapi_description(), default_specification=DRAFT202012)
+    registry = Registry().with_resource(OPENAPI_URI, resource)
+    return Draft202012Validator(
+        {"$ref": f"{OPENAPI_URI}#/components/schemas/{name}"}, registry=registry
+    )
+
+
+def check_schema(value: Any, name: str) -> None:
+    """A 400 naming the first wrong field unless ``value`` fits ``components/schemas/<name>``."""
+    error = best_match(_schema_validator(name).iter_errors(value))
+    if error is None:
+        return
+    field = ".".join(str(part) for part in error.absolute_path) or "the body"
+    message = error.message
+    if len(message) > MAX_MESSAGE_VALUE:
+        message = message[:MAX_MESSAGE_VALUE] + "…"
+    raise http_error(400, f"{field}: {message}")
+
+
+def json_depth_exceeds(value: Any, limit: int) -> bool:
+    """Does ``value`` nest lists and objects more than ``limit`` deep? (Iterative: no recursion.)"""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 class DashAPIHandler(JSONAPIHandler):
@@ -136,3 +204,15 @@ class ClusterHandler(DashAPIHandler):
         self.write_json(
             {"scheduler": address, "tls": {"ca": creds.ca, "cert": creds.cert, "key": creds.key}}
         )
+
+
+class OpenAPIHandler(JSONAPIHandler):
+    """``GET /dash/api/openapi.json``: this API's OpenAPI description; no login needed, so
+    that tools can read it."""
+
+    @allow_unauthenticated
+    def get(self) -> None:
+        description = dict(openapi_description())
+        url = f"{self.request.protocol}://{self.request.host}{self.base_url}".rstrip("/")
+        description["servers"] = [{"url": url}]
+        self.write_json(description)

@@ -208,6 +208,41 @@ def test_enrol_says_what_is_wrong_with_the_body(gw: Gateway, body: bytes) -> Non
     assert json.loads(info.value.read())["message"]
 
 
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"caps": {**CAPS, "cpus": -3}}, "caps.cpus"),
+        ({"caps": {**CAPS, "cpus": "2"}}, "caps.cpus"),
+        ({"caps": {**CAPS, "cpus": True}}, "caps.cpus"),
+        ({"caps": {**CAPS, "memory": 0}}, "caps.memory"),
+        ({"caps": {**CAPS, "memory": 1.5}}, "caps.memory"),
+        ({"caps": {**CAPS, "gpus": [-1]}}, "caps.gpus.0"),
+        ({"caps": {**CAPS, "gpus": "all"}}, "caps.gpus"),
+        ({"caps": {"cpus": 2, "memory": 2**30}}, "caps"),
+        ({"caps": {**CAPS, "cpus": 5}}, "caps.cpus"),
+        ({"caps": {**CAPS, "memory": 9 * 2**30}}, "caps.memory"),
+        ({"caps": {**CAPS, "gpus": [0]}}, "caps.gpus"),
+        ({"caps": {**CAPS, "cpus": 0}}, "caps"),
+        ({"hardware": {**HARDWARE, "cpus": 0}}, "hardware.cpus"),
+        ({"hardware": {**HARDWARE, "memory": -1}}, "hardware.memory"),
+        ({"hardware": {**HARDWARE, "gpus": [{"index": -1, "name": "x"}]}}, "hardware.gpus.0.index"),
+        ({"hardware": {**HARDWARE, "hostname": 7}}, "hardware.hostname"),
+        ({"hardware": None}, "hardware"),
+        ({"invite": 5}, "invite"),
+    ],
+)
+def test_enrol_refuses_bad_hardware_and_caps(gw: Gateway, change: dict, field: str) -> None:
+    token = invite(gw)["token"]
+    code, reply = enrol(gw, token, "capped-box", **change)
+    assert code == 400, reply
+    assert reply["message"].startswith(f"{field}: "), reply
+    # Refused before the invite is used: it still works with sane values.
+    code, reply = enrol(gw, token, "capped-box")
+    assert code == 201, reply
+    assert workers_by_name(gw)["capped-box"]["caps"] == CAPS
+    assert agent(gw, reply["machine_token"], "DELETE", "")[0] == 200
+
+
 # ----- the agent -----------------------------------------------------------------------
 
 
