@@ -17,8 +17,9 @@ from traitlets import Enum, Float, Int, Unicode, Union, default, validate
 
 from dash_gateway.auth import DashIdentityProvider
 from dash_gateway.cluster import ClusterSupervisor
+from dash_gateway.datadir import DataDirInUse, DataDirLock
 from dash_gateway.events import EventsHandler, OverviewHandler
-from dash_gateway.handlers import ClusterHandler, StatusHandler
+from dash_gateway.handlers import ClusterHandler, OpenAPIHandler, StatusHandler
 from dash_gateway.machines import (
     AgentCertificateHandler,
     AgentDrainHandler,
@@ -53,6 +54,21 @@ def gateway_url(serverapp: ServerApp) -> str:
     else:
         host = f"[{ip}]" if ":" in ip else ip
     return f"http://{host}:{serverapp.port}{serverapp.base_url}"
+
+
+def encrypt_kernel_transport(serverapp: ServerApp) -> None:
+    """Unless the operator chose otherwise, kernels started here talk to the server over
+    CurveZMQ (DASH's kernelspec declares it, as ipykernel's does): their ports are open on
+    loopback to every process of the machine, user code included."""
+    import zmq
+    from jupyter_client.manager import KernelManager
+
+    chosen = serverapp.config.get("KernelManager", {})
+    if "transport_encryption" in chosen or not hasattr(KernelManager, "transport_encryption"):
+        return
+    if zmq.has("curve"):
+        serverapp.config.KernelManager.transport_encryption = "auto"
+        serverapp.kernel_manager.update_config(serverapp.config)
 
 
 def configure_lab(serverapp: ServerApp) -> None:
@@ -229,6 +245,13 @@ class DashGateway(ExtensionApp):
         "its chunks before it records the version that names them.",
     ).tag(config=True)
 
+    checkpoint_retention = Float(
+        30 * 86400.0,
+        help="Seconds a session checkpoint (sessions/<notebook>-<kernel id>, made after "
+        "each cell of a DASH kernel) is kept after its last save; older ones are deleted at "
+        "start and every hour. Other stored objects never expire. 0: keep them forever.",
+    ).tag(config=True)
+
     worker_heartbeat_interval = Float(
         2.0, help="Seconds between the heartbeats of a contributed machine's agent."
     ).tag(config=True)
@@ -282,6 +305,8 @@ class DashGateway(ExtensionApp):
 
     def initialize_settings(self) -> None:
         self._route_module_logs()
+        # Before anything reads or writes the registry, the CA or storage.
+        self._lock_data_dir()
         self.cluster = ClusterSupervisor(
             data_dir=self.data_dir,
             scheduler_address=self.scheduler_address,
@@ -300,22 +325,33 @@ class DashGateway(ExtensionApp):
             self.data_dir,
             registry=self.registry,
             public_url=self.public_url,
+            checkpoint_retention=self.checkpoint_retention,
         )
         provider = self.serverapp.identity_provider if self.serverapp else None
         if isinstance(provider, DashIdentityProvider):
             provider.registry = self.registry
         if self.serverapp is not None:
             configure_lab(self.serverapp)
+            encrypt_kernel_transport(self.serverapp)
+
+    def _lock_data_dir(self) -> None:
+        self.data_dir_lock = DataDirLock(self.data_dir)
+        try:
+            self.data_dir_lock.acquire(gateway_url(self.serverapp) if self.serverapp else "")
+        except DataDirInUse as exc:
+            self.log.critical("%s", exc)
+            self.exit(1)
 
     def initialize_handlers(self) -> None:
         cluster = {"cluster": self.cluster}
-        machines = {**cluster, "registry": self.registry, "options": self.worker_options()}
+        machines = {**cluster, "registry": self.registry, "worker_options": self.worker_options()}
         self.overview = OverviewService(
             self.cluster, self.registry, self.worker_options(), self.storage
         )
         name = r"(?P<name>[^/]+)"
         self.handlers.extend(
             [
+                (r"/dash/api/openapi.json", OpenAPIHandler),
                 (r"/dash/api/status", StatusHandler, {**cluster, "storage": self.storage}),
                 (r"/dash/api/cluster", ClusterHandler, cluster),
                 (r"/dash/api/invites", InvitesHandler, machines),
@@ -379,6 +415,7 @@ class DashGateway(ExtensionApp):
             self.storage.description["location"] if hasattr(self, "storage") else "(none)",
         )
         self.cluster.start()
+        self.storage.start()
         if self.storage_gc_interval > 0:
             self._storage_gc = asyncio.create_task(self._collect_garbage_periodically())
 
@@ -415,6 +452,9 @@ class DashGateway(ExtensionApp):
         storage = getattr(self, "storage", None)
         if storage is not None:
             storage.close()
+        lock = getattr(self, "data_dir_lock", None)
+        if lock is not None:
+            lock.release()
 
 
 main = launch_new_instance = DashGateway.launch_instance

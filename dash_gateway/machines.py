@@ -16,7 +16,13 @@ from tornado import web
 
 from dash_gateway.auth import is_operator, username
 from dash_gateway.cluster import ClusterSupervisor
-from dash_gateway.handlers import DashAPIHandler, JSONAPIHandler, http_error
+from dash_gateway.handlers import (
+    DashAPIHandler,
+    JSONAPIHandler,
+    allow_unauthenticated,
+    check_schema,
+    http_error,
+)
 from dash_gateway.registry import (
     MAX_INVITE_LIFETIME,
     AlreadyExistsError,
@@ -32,14 +38,7 @@ from dash_gateway.registry import (
     iso,
     sanitize_machine_name,
 )
-
-try:
-    from jupyter_server.auth.decorator import allow_unauthenticated
-except ImportError:  # jupyter_server < 2.13: every handler is reachable without a login anyway
-
-    def allow_unauthenticated(method: Any) -> Any:  # type: ignore[no-redef]
-        return method
-
+from dash_kernel.resources import format_resources
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +82,26 @@ def invite_reply(token: str, invite: Invite, gateway: str) -> dict[str, Any]:
         "gateway": gateway,
         "owner": invite.owner,
     }
+
+
+def check_caps_fit(hardware: Mapping[str, Any], caps: Mapping[str, Any]) -> None:
+    """A 400 naming the cap unless ``caps`` (schema-checked) fit in ``hardware`` and share something."""
+    if caps["cpus"] > hardware["cpus"]:
+        raise http_error(
+            400, f"caps.cpus: {caps['cpus']} is more than the machine's {hardware['cpus']} CPUs"
+        )
+    if caps["memory"] > hardware["memory"]:
+        raise http_error(
+            400,
+            f"caps.memory: {caps['memory']} bytes is more than the machine's "
+            f"{hardware['memory']} bytes",
+        )
+    known = {gpu["index"] for gpu in hardware.get("gpus", [])}
+    unknown = sorted(set(caps["gpus"]) - known)
+    if unknown:
+        raise http_error(400, f"caps.gpus: the machine has no GPU {unknown[0]}")
+    if caps["cpus"] == 0 and not caps["gpus"]:
+        raise http_error(400, "caps: nothing to share (0 CPUs and no GPUs)")
 
 
 def registry_http_error(exc: RegistryError) -> web.HTTPError:
@@ -142,24 +161,139 @@ def machine_record(
     return record
 
 
+async def live_sessions(cluster: ClusterSupervisor) -> list[dict[str, Any]]:
+    """Every user's remote sessions (the scheduler's ``dash_work``); [] when it cannot say."""
+    try:
+        work = await cluster.dash_work()
+    except Exception as exc:
+        log.debug("No session list from the scheduler: %r", exc)
+        return []
+    return [s for s in work.get("sessions") or [] if isinstance(s, dict)]
+
+
+def _holds(resources: Mapping[str, Any], need: Mapping[str, Any]) -> bool:
+    return all(float(resources.get(key) or 0) >= float(amount) for key, amount in need.items())
+
+
+def drain_status(
+    record: Mapping[str, Any], workers: list[dict[str, Any]], sessions: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """What draining machine ``record`` waits for: its sessions, each with whether a
+    running worker of another machine could hold it, and its other running tasks."""
+    name = record["name"]
+    elsewhere = [w for w in workers if w.get("machine") != name and w.get("status") == "running"]
+    rows = []
+    for session in sessions:
+        if session.get("machine") != name or session.get("state") != "running":
+            continue
+        need = session.get("resources") or {}
+        rows.append(
+            {
+                "id": session.get("id"),
+                "user": session.get("user"),
+                "notebook": session.get("notebook"),
+                "worker": session.get("worker"),
+                "needs": format_resources(need),
+                "movable": any(_holds(w.get("resources") or {}, need) for w in elsewhere),
+            }
+        )
+    tasks = max(int(record.get("current_work") or 0) - len(rows), 0)
+    return {"sessions": rows, "tasks": tasks, "message": drain_message(rows, tasks)}
+
+
+def drain_message(sessions: list[Mapping[str, Any]], tasks: int, viewer: str | None = None) -> str:
+    """ "draining: waiting for 1 session that no other machine can hold (alice's session on
+    rig-gpu0, needs 1 GPU (a100))"; with ``viewer``, other users are not named."""
+
+    def whose(row: Mapping[str, Any]) -> str:
+        user = row.get("user")
+        if viewer is not None and user != viewer:
+            return "another user's session"
+        notebook = row.get("notebook")
+        return f"{user}'s " + (f"notebook {notebook}" if notebook else "session")
+
+    def listed(rows: list[Mapping[str, Any]]) -> str:
+        return ", ".join(f"{whose(r)} on {r.get('worker')}, needs {r.get('needs')}" for r in rows)
+
+    stuck = [s for s in sessions if not s.get("movable")]
+    movable = [s for s in sessions if s.get("movable")]
+    parts = []
+    if stuck:
+        parts.append(
+            f"waiting for {_count(len(stuck), 'session')} that no other machine can hold "
+            f"({listed(stuck)})"
+        )
+    if movable:
+        parts.append(
+            f"waiting for {_count(len(movable), 'session')} to move to another machine at "
+            f"its notebook's next cell ({listed(movable)})"
+        )
+    if tasks:
+        parts.append(f"{_count(tasks, 'other task')} still running")
+    return "draining: " + ("; ".join(parts) or "nothing left running; its workers stop")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def with_drains(
+    records: list[dict[str, Any]], workers: list[dict[str, Any]], sessions: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``records`` with a ``drain`` status on each draining one (see :func:`drain_status`)."""
+    for record in records:
+        if record.get("state") == "draining":
+            record["drain"] = drain_status(record, workers, sessions)
+    return records
+
+
+def drains_for(records: list[dict[str, Any]], viewer: str, operator: bool) -> list[dict[str, Any]]:
+    """``records`` as ``viewer`` may see them: the other users whose sessions hold up a
+    drain are not named, not even to the machine's owner (who runs their work, but is
+    owed neither their names nor their notebooks')."""
+    if operator:
+        return records
+    shown = []
+    for record in records:
+        drain = record.get("drain")
+        if drain:
+            message = drain_message(drain["sessions"], drain["tasks"], viewer)
+            sessions = [_redacted(row, viewer) for row in drain["sessions"]]
+            record = {**record, "drain": {**drain, "sessions": sessions, "message": message}}
+        shown.append(record)
+    return shown
+
+
+def _redacted(row: Mapping[str, Any], viewer: str) -> dict[str, Any]:
+    """A drain's session row as ``viewer`` may see it: another user's without who or what."""
+    if row.get("user") == viewer:
+        return dict(row)
+    return {**row, "user": None, "id": None, "notebook": None}
+
+
 class _MachineAPIMixin:
     """What both families of handlers share: the registry, the options, records."""
 
     cluster: ClusterSupervisor
     registry: Registry
-    options: WorkerOptions
+    # Not ``options``: that name is tornado's handler for the OPTIONS verb.
+    worker_options: WorkerOptions
 
     def initialize(
-        self, cluster: ClusterSupervisor, registry: Registry, options: WorkerOptions
+        self, cluster: ClusterSupervisor, registry: Registry, worker_options: WorkerOptions
     ) -> None:
         self.cluster = cluster
         self.registry = registry
-        self.options = options
+        self.worker_options = worker_options
 
     async def records(self, machines: list[Machine]) -> list[dict[str, Any]]:
-        grouped = workers_by_machine(await live_workers(self.cluster), (m.name for m in machines))
-        timeout = self.options.heartbeat_timeout
-        return [machine_record(m, grouped[m.name], timeout) for m in machines]
+        workers = await live_workers(self.cluster)
+        grouped = workers_by_machine(workers, (m.name for m in machines))
+        timeout = self.worker_options.heartbeat_timeout
+        records = [machine_record(m, grouped[m.name], timeout) for m in machines]
+        if not any(r["state"] == "draining" for r in records):
+            return records
+        return with_drains(records, workers, await live_sessions(self.cluster))
 
     async def record(self, machine: Machine) -> dict[str, Any]:
         return (await self.records([machine]))[0]
@@ -195,7 +329,7 @@ class InvitesHandler(_PoolHandler):
     @authorized
     async def post(self) -> None:
         body = self.json_body()
-        lifetime = body.get("expires_in", self.options.invite_lifetime)
+        lifetime = body.get("expires_in", self.worker_options.invite_lifetime)
         if (
             isinstance(lifetime, bool)
             or not isinstance(lifetime, (int, float))
@@ -213,8 +347,8 @@ class InvitesHandler(_PoolHandler):
         self.write_json(invite_reply(token, invite, self.gateway_url()), status=201)
 
     def gateway_url(self) -> str:
-        if self.options.public_url:
-            return self.options.public_url
+        if self.worker_options.public_url:
+            return self.worker_options.public_url
         return f"{self.request.protocol}://{self.request.host}{self.base_url}"
 
 
@@ -224,7 +358,8 @@ class WorkersHandler(_PoolHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        self.write_json({"workers": await self.records(self.registry.machines())})
+        records = await self.records(self.registry.machines())
+        self.write_json({"workers": drains_for(records, username(self), is_operator(self))})
 
 
 class WorkerHandler(_PoolHandler):
@@ -298,16 +433,12 @@ class EnrolHandler(_MachineHandler):
     @allow_unauthenticated
     async def post(self) -> None:
         body = self.json_body()
-        invite = body.get("invite")
-        hardware = body.get("hardware") or {}
-        caps = body.get("caps") or {}
-        if not isinstance(invite, str) or not invite:
-            raise http_error(400, "the body needs 'invite': the invite token")
-        if not isinstance(hardware, dict) or not isinstance(caps, dict):
-            raise http_error(400, "'hardware' and 'caps' must be JSON objects")
+        check_schema(body, "Enrolment")
+        invite, hardware, caps = body["invite"], body["hardware"], body["caps"]
+        check_caps_fit(hardware, caps)
         name = self.machine_name(body.get("name"), hardware)
         ca = self.ca_pem()
-        approve = self.options.approve_workers == "auto"
+        approve = self.worker_options.approve_workers == "auto"
         try:
             machine, token = self.registry.enrol(invite, name, hardware, caps, approve=approve)
         except RegistryError as exc:
@@ -391,7 +522,7 @@ class AgentHeartbeatHandler(_MachineHandler):
                 "owner": machine.owner,
                 "state": machine.state,
                 "scheduler": None if machine.state == "pending" else scheduler,
-                "heartbeat_interval": self.options.heartbeat_interval,
+                "heartbeat_interval": self.worker_options.heartbeat_interval,
             }
         )
 
@@ -412,7 +543,7 @@ class AgentCertificateHandler(_MachineHandler):
         if not address:
             raise http_error(503, "the DASH scheduler is not running yet; try again shortly")
         assert self.cluster.ca is not None
-        lifetime = datetime.timedelta(seconds=self.options.certificate_lifetime)
+        lifetime = datetime.timedelta(seconds=self.worker_options.certificate_lifetime)
         try:
             pem, serial = self.cluster.ca.sign_csr(csr, "worker", machine.name, valid_for=lifetime)
         except ValueError as exc:

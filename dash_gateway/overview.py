@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from dash_gateway.machines import (
     WorkerOptions,
+    drains_for,
     live_workers,
     machine_record,
+    with_drains,
     workers_by_machine,
 )
 from dash_gateway.policy import LOCAL_MACHINE
@@ -139,7 +141,7 @@ def for_user(
             "scheduler": snapshot.scheduler,
         },
         "totals": totals(snapshot.machines, snapshot.workers),
-        "workers": snapshot.machines,
+        "workers": drains_for(snapshot.machines, user, operator),
         "sessions": sessions,
         "work": [row for row in snapshot.work if mine(row)],
         "storage": storage,
@@ -201,6 +203,7 @@ class OverviewService:
         grouped = workers_by_machine(workers, (m.name for m in machines))
         timeout = self.options.heartbeat_timeout
         records = [machine_record(m, grouped[m.name], timeout) for m in machines]
+        with_drains(records, workers, list(work.get("sessions") or []))
         local = [w for w in workers if w.get("machine") == LOCAL_MACHINE]
         if local:
             records.insert(0, local_machine_record(local))

@@ -34,6 +34,7 @@ from tornado.ioloop import PeriodicCallback
 
 from dash_gateway.policy import ClusterPolicy, normalize_serial, read_policy
 from dash_kernel.resources import placement_restrictions
+from dash_kernel.sessions import NOTEBOOK_ANNOTATION
 
 log = logging.getLogger(__name__)
 
@@ -331,8 +332,10 @@ class DashSchedulerPlugin(SchedulerPlugin):
     def _session_row(self, key: str, ts: Any, user: str | None, state: str) -> dict[str, Any]:
         ws = ts.processing_on if state == "running" else None
         peer = self.identities.get(ws.name) if ws is not None else None
+        notebook = (ts.annotations or {}).get(NOTEBOOK_ANNOTATION)
         return {
             "id": key[len(SESSION_PREFIX) :],
+            "notebook": notebook if isinstance(notebook, str) else None,
             "user": user,
             "worker": str(ws.name) if ws is not None else None,
             "machine": peer.name if peer else None,

@@ -21,6 +21,7 @@ from dash_gateway.scheduler_plugin import DashSchedulerPlugin
 from dash_gateway.tls import security_for
 from dash_kernel.files import write_atomic
 from dash_kernel.lifecycle import StopTrigger, arm_hard_exit
+from dash_kernel.plugin import WorkerDeathPlugin
 
 log = logging.getLogger("dash_gateway.scheduler_process")
 
@@ -72,7 +73,7 @@ async def run(args: argparse.Namespace) -> int:
     dask.config.set({"distributed.scheduler.http.routes": ["distributed.http.health"]})
     plugin = DashSchedulerPlugin(args.policy_file)
     scheduler = Scheduler(
-        plugins=[plugin],
+        plugins=[plugin, WorkerDeathPlugin()],
         host=args.host,
         port=args.port,
         protocol="tls",

@@ -16,16 +16,18 @@ from .remote import RemoteFunction, map, remote
 from .resources import ResourceSpec, ResourceSpecError, ResourceUnavailable
 from .serialize import SerializationError
 from .status import cluster_status
-from .storage.api import datasets, load, ls, rm, save, versions
+from .storage.api import datasets, load, ls, manifest, rm, save, versions
 from .storage.client import CorruptChunk, SaveRecord
 
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext dash_kernel``: the ``%%dash`` and ``%dash`` magics."""
     # Imported here: IPython is heavy, and workers import this package without a shell.
+    from .cluster import join_handed_down_cluster
     from .magics import load_ipython_extension as load
 
     load(ipython)
+    join_handed_down_cluster()
 
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "load",
     "load_ipython_extension",
     "ls",
+    "manifest",
     "map",
     "remote",
     "rm",

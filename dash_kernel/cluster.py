@@ -8,24 +8,28 @@ import datetime
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import psutil
 from distributed import Client, LocalCluster
 from distributed.security import Security
+from distributed.versions import VersionMismatchWarning
+from distributed.worker_state_machine import PROCESSING
 
 from .errors import GatewayError, NoWorkersError
 from .output import OutputRouter
-from .plugin import DashWorkerPlugin
+from .plugin import DashWorkerPlugin, WorkerDeathPlugin
 from .resources import ResourceSpec, check_satisfiable, describe_wait, worker_resources
 
-__all__ = ["Connection", "connect", "disconnect", "gateway_request"]
+__all__ = ["Connection", "connect", "disconnect", "gateway_request", "join_handed_down_cluster"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,7 @@ class Connection:
         self.router = OutputRouter()
         self._workers: list[tuple[str, dict[str, float]]] = []
         self._workers_at = 0.0
+        self._plugin_answers = True
         client.register_plugin(DashWorkerPlugin(), name=DashWorkerPlugin.name)
         client.subscribe_topic(self.topic, self.router.handle)
 
@@ -203,20 +208,28 @@ class Connection:
     def waiting_reason(self, spec: ResourceSpec, keys: Iterable[str]) -> str | None:
         """Why the tasks ``keys``, which need ``spec``, are queued (every worker that fits
         is busy or paused); None if one of them runs, a worker is free, or the cluster
-        cannot tell (no DASH scheduler)."""
+        cannot tell."""
         keys = list(keys)[:QUEUE_PROBE_KEYS]
         try:
-            rows = self.client.sync(self.client.scheduler.dash_workers)
-            states = self.client.run(_task_states, keys)
+            views = self.client.run(_worker_view, keys)
+            rows = self._scheduler_rows() or [view["row"] for view in views.values()]
+            return _describe_queue(spec, rows, views)
         except Exception:
+            # A notice is a courtesy: never let it break the work it is about.
+            log.debug("could not tell why %s waits", keys[:1], exc_info=True)
             return None
-        names = {row["address"]: row["name"] for row in rows}
-        waiting_on: dict[str, int] = {}
-        for address, by_key in states.items():
-            if any(state in ("executing", "long-running") for state in by_key.values()):
-                return None
-            waiting_on[names.get(address, address)] = len(by_key)
-        return describe_wait(spec, rows, waiting_on)
+
+    def _scheduler_rows(self) -> list[dict[str, Any]] | None:
+        """The rows of DASH's scheduler plugin (``dash_workers``), None on a scheduler
+        without it: this process's embedded cluster, or a plain Dask scheduler."""
+        if self.mode == "embedded" or not self._plugin_answers:
+            return None
+        rows = self.client.sync(self.client.scheduler.dash_workers)
+        if not isinstance(rows, list):
+            # A scheduler answers None for a handler it lacks (and logs it): ask once.
+            self._plugin_answers = False
+            return None
+        return rows
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -233,6 +246,46 @@ class Connection:
 
 _connection: Connection | None = None
 _connect_lock = threading.Lock()
+_version_noted = False
+
+
+@contextlib.contextmanager
+def _version_note() -> Iterator[None]:
+    """Turn the table Dask warns with when this process's packages differ from the
+    cluster's into one line on stderr, once per process; other warnings pass."""
+    global _version_noted
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", VersionMismatchWarning)
+        yield
+    for warning in caught:
+        if not issubclass(warning.category, VersionMismatchWarning):
+            warnings.showwarning(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+        elif not _version_noted:
+            _version_noted = True
+            print(_mismatch_line(str(warning.message)), file=sys.stderr, flush=True)
+
+
+def _mismatch_line(table: str) -> str:
+    """``Mismatched versions found`` and Dask's table of them, as one line."""
+    cells = [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in table.splitlines()
+        if line.startswith("|")
+    ]
+    differ = [
+        f"{package} {here} (scheduler {scheduler}, workers {workers})"
+        for package, here, scheduler, workers in (row for row in cells[1:] if len(row) == 4)
+    ]
+    return (
+        f"DASH: package versions differ between this process and its cluster: "
+        f"{'; '.join(differ) or 'see client.get_versions(check=True)'}. "
+        "Usually harmless; if work fails to load on a worker, install the same versions."
+    )
+
+
+_connect_lock = threading.Lock()
 
 
 def _security_from_gateway(tls: Mapping[str, str]) -> Security:
@@ -247,7 +300,8 @@ def _security_from_gateway(tls: Mapping[str, str]) -> Security:
 def _connect_gateway(url: str, token: str | None, timeout: float, worker_wait: float) -> Connection:
     info = gateway_request(url, token, "dash/api/cluster", timeout=timeout)
     security = _security_from_gateway(info["tls"])
-    client = Client(info["scheduler"], security=security, timeout=timeout, set_as_default=False)
+    with _version_note():
+        client = Client(info["scheduler"], security=security, timeout=timeout)
     return Connection(
         client, security=security, gateway_url=url, token=token, worker_wait=worker_wait
     )
@@ -261,9 +315,8 @@ def _connect_scheduler(timeout: float, worker_wait: float) -> Connection:
             "key": os.environ[ENV_TLS_KEY],
         }
     )
-    client = Client(
-        os.environ[ENV_SCHEDULER], security=security, timeout=timeout, set_as_default=False
-    )
+    with _version_note():
+        client = Client(os.environ[ENV_SCHEDULER], security=security, timeout=timeout)
     return Connection(client, security=security, worker_wait=worker_wait)
 
 
@@ -282,7 +335,7 @@ def _connect_embedded(n_workers: int | None) -> Connection:
         security=security,
         host="127.0.0.1",
         dashboard_address="127.0.0.1:0",
-        scheduler_kwargs={"dashboard": False},
+        scheduler_kwargs={"dashboard": False, "plugins": [WorkerDeathPlugin()]},
         silence_logs=logging.CRITICAL,
         # the session host is dash_worker's, named here, not imported
         preload=[
@@ -290,7 +343,8 @@ def _connect_embedded(n_workers: int | None) -> Connection:
             "dash_worker.session_host",
         ],  # remote errors reach the user through dk itself
     )
-    client = Client(cluster, set_as_default=False)
+    with _version_note():
+        client = Client(cluster)
     log.info("started an embedded DASH cluster with %d workers", n_workers)
     return Connection(client, security=security, cluster=cluster)
 
@@ -309,6 +363,41 @@ def _task_states(keys: list[str], dask_worker: Any = None) -> dict[str, str]:
     """On a worker: the state of those of ``keys`` it holds (run by ``Client.run``)."""
     tasks = dask_worker.state.tasks
     return {key: tasks[key].state for key in keys if key in tasks}
+
+
+def _worker_view(keys: list[str], dask_worker: Any = None) -> dict[str, Any]:
+    """On a worker (run by ``Client.run``): the states of those of ``keys`` it holds, and
+    a row like the scheduler plugin's ``dash_workers`` one, counted as the scheduler
+    counts (every task assigned here holds its resources, running or not)."""
+    state = dask_worker.state
+    assigned = [ts for ts in state.tasks.values() if ts.state in PROCESSING]
+    used = dict.fromkeys(state.total_resources, 0.0)
+    for ts in assigned:
+        for name, amount in (ts.resource_restrictions or {}).items():
+            used[name] = used.get(name, 0.0) + amount
+    row = {
+        "name": str(dask_worker.name),
+        "address": dask_worker.address,
+        "status": dask_worker.status.name,
+        "nthreads": state.nthreads,
+        "processing": len(assigned),
+        "resources": dict(state.total_resources),
+        "used_resources": used,
+    }
+    return {"row": row, "states": _task_states(keys, dask_worker)}
+
+
+def _describe_queue(
+    spec: ResourceSpec, rows: list[dict[str, Any]], views: Mapping[str, dict[str, Any]]
+) -> str | None:
+    names = {row["address"]: row["name"] for row in rows}
+    waiting_on: dict[str, int] = {}
+    for address, view in views.items():
+        by_key = view["states"]
+        if any(state in ("executing", "long-running") for state in by_key.values()):
+            return None
+        waiting_on[names.get(address, address)] = len(by_key)
+    return describe_wait(spec, rows, waiting_on)
 
 
 def connect(
@@ -353,6 +442,20 @@ def connect(
         else:
             _connection = _connect_embedded(local_workers)
         return _connection
+
+
+def join_handed_down_cluster() -> None:
+    """In a remote session's kernel (``DASH_SCHEDULER_ADDRESS`` set): connect now, so
+    that Dask collections computed in its first cell already run on the pool (the
+    connection's client is Dask's default). Elsewhere, nothing: ``dk`` connects on use."""
+    if not os.environ.get(ENV_SCHEDULER):
+        return
+    try:
+        connect()
+    except Exception:
+        log.warning(
+            "could not join the notebook's cluster; dk connects on first use", exc_info=True
+        )
 
 
 def disconnect() -> None:

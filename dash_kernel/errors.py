@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["DashError", "GatewayError", "NoWorkersError"]
+from typing import Any
+
+__all__ = ["DashError", "GatewayError", "NoWorkersError", "WorkerKilledError"]
 
 
 class DashError(Exception):
@@ -19,3 +21,17 @@ class GatewayError(DashError):
 
 class NoWorkersError(DashError):
     """No worker joined the cluster in time, so nothing could run."""
+
+
+class WorkerKilledError(DashError):
+    """A task killed the worker process running it (a segfault, ``os._exit``, the OOM
+    killer): say which worker and how its process ended."""
+
+    def __init__(self, worker: str, how: str, exitcode: int | None = None):
+        self.worker = worker
+        self.how = how
+        self.exitcode = exitcode
+        super().__init__(f"the task killed its worker {worker} ({how})")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.worker, self.how, self.exitcode))

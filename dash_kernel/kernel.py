@@ -12,24 +12,27 @@ import ast
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from dask.utils import format_bytes
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.kernelapp import IPKernelApp
+from traitlets import Float
 
 from ._version import __version__
 from .checkpoints import checkpoint_name, list_checkpoints
 from .cluster import Connection, connect, disconnect
 from .errors import DashError
 from .magics import DashMagics
-from .resources import ResourceSpec
+from .resources import ResourceSpec, ResourceUnavailable, check_satisfiable, describe_wait
 from .serialize import SerializationError
 from .sessions import RemoteSession, SessionLost, decode_message
 from .transfer import publish_names, receive_names
@@ -41,12 +44,36 @@ LOCAL_CELL = "%%local"
 _NOT_RELAYED = {"status", "execute_input"}
 _WAIT = 1.0
 _PARENTS_KEPT = 1000
+# After a remote reply, how long to wait for the remote's own ``status: idle`` (which
+# follows all of the request's output) before answering anyway.
+_IDLE_GRACE = 5.0
 # ``DASH_CHECKPOINT=off`` starts the kernel with checkpoints off (``%dash checkpoint on``).
 ENV_CHECKPOINT = "DASH_CHECKPOINT"
 # Set by Jupyter Server for the kernels of its sessions: the notebook's path.
 ENV_NOTEBOOK = "JPY_SESSION_NAME"
 # A restore notice names at most this many variables.
 _NAMES_SHOWN = 20
+# A drain's move gives up, and the session stays, if its new session has not started in
+# this long (a free machine that fits was seen, so it should be quick) ...
+MOVE_START_TIMEOUT = 60.0
+# ... or if the whole move (checkpoint, start, restore) takes longer than this.
+MOVE_TIMEOUT = 300.0
+# Asking the scheduler where a session could go.
+ASK_TIMEOUT = 10.0
+
+
+class RemoteTimeout(DashError):
+    """The remote session did not answer a request in time."""
+
+
+@dataclass
+class _Pending:
+    """A request relayed to the remote kernel: its reply, and whether the remote kernel
+    has started on it (published anything for it) and finished (published idle)."""
+
+    reply: asyncio.Future[dict[str, Any]]
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    started: bool = False
 
 
 def is_local(code: str) -> bool:
@@ -62,6 +89,13 @@ class DashKernel(IPythonKernel):
     implementation_version = __version__
     banner = f"DASH distributed {__version__}: cells run on a DASH worker (%%local runs here)."
 
+    request_timeout = Float(
+        5.0,
+        config=True,
+        help="Seconds to wait for the remote session's answer to a complete, inspect, "
+        "is_complete, history or comm_info request before answering without it.",
+    )
+
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self.session_spec = ResourceSpec()
@@ -72,7 +106,7 @@ class DashKernel(IPythonKernel):
         # remote request msg_id -> the local message it was made for (whose cell its
         # output belongs to), and -> the future its reply resolves
         self._parents: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._replies: dict[str, _Pending] = {}
         self._pump: asyncio.Task[None] | None = None
         self.notebook = os.environ.get(ENV_NOTEBOOK) or None
         self.checkpoint_name = checkpoint_name(self.notebook, uuid.uuid4().hex[:8])
@@ -85,6 +119,9 @@ class DashKernel(IPythonKernel):
         # Set when the session's machine is draining: (that session, why); the session
         # moves before the next cell.
         self._leave: tuple[RemoteSession, str] | None = None
+        # This kernel says itself what a lost scheduler means for the notebook; Dask's
+        # reconnect errors would land, raw, in whatever cell runs next.
+        logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
         self.shell.register_magics(DashMagics)
         for msg_type in ("comm_open", "comm_msg", "comm_close"):
             self.shell_handlers[msg_type] = self._relay_comm
@@ -97,28 +134,41 @@ class DashKernel(IPythonKernel):
         previous = self.remote
         if previous is not None:
             previous.close()
+        # Dask's client loses its scheduler when the gateway restarts, never for a worker.
+        scheduler_gone = previous is not None and previous.conn.client.status != "running"
         conn = await self._off_loop(connect)
         if previous is not None and conn.client.status != "running":
             # The scheduler went away (a gateway restart gives it a new address): ask the
             # gateway where it is now rather than wait for the old address to come back.
             await self._off_loop(disconnect)
             conn = await self._off_loop(connect)
-        self.remote = RemoteSession(conn, self.session_spec, asyncio.get_running_loop())
-        await self.remote.start(
-            on_queued=lambda why: self._say(f"DASH: the session is {why}.\n", "stderr")
+        remote = RemoteSession(
+            conn, self.session_spec, asyncio.get_running_loop(), notebook=self.notebook
         )
+        try:
+            await remote.start(
+                on_queued=lambda why: self._say(f"DASH: the session is {why}.\n")
+            )
+        except BaseException:
+            # Not kept as the session: with no pump, a cell sent to it would wait forever.
+            remote.close()
+            raise
+        self.remote = remote
         self._remote_next_count = 1
         # referenced, so the running task is not garbage-collected
         self._pump = asyncio.create_task(self._pump_events(self.remote))
         where = self.remote.describe()
         if previous is not None:
+            why = previous.lost_reason()
+            if scheduler_gone or conn is not previous.conn:
+                why = _scheduler_gone(conn)
             self._say(
                 f"DASH: a new session started on {where}; the previous one was lost "
-                f"({previous.lost_reason()}). {await self._recover()}\n",
+                f"({why}). {await self._recover()}\n",
                 "stderr",
             )
         elif self._announced != where:
-            self._say(f"DASH: this notebook runs on {where}.\n", "stderr")
+            self._say(f"DASH: this notebook runs on {where}.\n")
         self._announced = where
         return self.remote
 
@@ -218,20 +268,32 @@ class DashKernel(IPythonKernel):
         *,
         remote: RemoteSession | None = None,
         forward_interrupt: bool = True,
+        timeout: float | None = None,
+        pending: _Pending | None = None,
     ) -> dict[str, Any]:
         """Send a request to the remote kernel (the session's, started if need be, or
-        ``remote`` only) and return its reply's content; what it publishes meanwhile is
-        relayed by the pump. A SIGINT meanwhile interrupts it, if ``forward_interrupt``."""
+        ``remote`` only) and return its reply's content once all it published for the
+        request is relayed (by the pump). A SIGINT meanwhile interrupts it, if
+        ``forward_interrupt``; no reply within ``timeout`` seconds raises RemoteTimeout."""
         if remote is None:
             remote = await self._ensure_session()
         elif remote.lost_reason() is not None:
             raise SessionLost(remote.lost_reason())
-        reply = asyncio.get_running_loop().create_future()
+        pending = pending or _Pending(asyncio.get_running_loop().create_future())
         msg_id = self._send_remote(remote, channel, msg_type, content)
-        self._replies[msg_id] = reply
+        self._replies[msg_id] = pending
         previous_handler = self._forward_sigint(remote) if forward_interrupt else None
         try:
-            return (await reply)["content"]
+            reply = await asyncio.wait_for(pending.reply, timeout)
+            # The reply travels apart from the output (shell, not iopub): the remote's
+            # idle comes after the last output, so once it is here, so is all the output.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(pending.idle.wait(), _IDLE_GRACE)
+            return reply["content"]
+        except asyncio.TimeoutError:
+            raise RemoteTimeout(
+                f"the remote session did not answer {msg_type} within {timeout:g}s"
+            ) from None
         finally:
             self._replies.pop(msg_id, None)
             if previous_handler is not None:
@@ -250,27 +312,37 @@ class DashKernel(IPythonKernel):
                 return self._fail_waiting(event.get("reason", "the session closed"))
             if event["op"] == "draining":
                 self._leave = (remote, f"machine {event.get('machine')} is draining")
-                continue
-            if event["op"] != "message":
-                continue
-            message = decode_message(event["message"])
-            request_id = message["parent_header"].get("msg_id")
-            if event["channel"] == "iopub":
-                parent = self._parents.get(request_id)
-                if parent is not None:
-                    self._republish(message, parent)
-            elif event["channel"] == "stdin":
-                parent = self._parents.get(request_id)
-                asyncio.create_task(self._relay_input(remote, message, parent))
-            else:
-                reply = self._replies.get(request_id)
-                if reply is not None and not reply.done():
-                    reply.set_result(message)
+            elif event["op"] == "message":
+                try:
+                    self._dispatch(remote, event["channel"], decode_message(event["message"]))
+                except Exception:
+                    # one bad message must not stop the relay: every later reply would hang
+                    self.log.exception("could not relay a message from the remote session")
+
+    def _dispatch(self, remote: RemoteSession, channel: str, message: dict[str, Any]) -> None:
+        request_id = message["parent_header"].get("msg_id")
+        pending = self._replies.get(request_id)
+        if channel == "iopub":
+            if pending is not None:
+                pending.started = True
+                if message["msg_type"] == "status" and (
+                    message["content"].get("execution_state") == "idle"
+                ):
+                    pending.idle.set()
+            parent = self._parents.get(request_id)
+            if parent is not None:
+                self._republish(message, parent)
+        elif channel == "stdin":
+            parent = self._parents.get(request_id)
+            asyncio.create_task(self._relay_input(remote, message, parent))
+        elif pending is not None and not pending.reply.done():
+            pending.reply.set_result(message)
 
     def _fail_waiting(self, reason: str) -> None:
-        for reply in self._replies.values():
-            if not reply.done():
-                reply.set_exception(SessionLost(reason))
+        for pending in self._replies.values():
+            pending.idle.set()
+            if not pending.reply.done():
+                pending.reply.set_exception(SessionLost(reason))
 
     async def _relay_comm(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
         """Widget messages from the front end go to the remote kernel, where the widgets
@@ -282,7 +354,9 @@ class DashKernel(IPythonKernel):
     async def comm_info_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
         if self.remote is None:
             return await super().comm_info_request(stream, ident, parent)
-        content = await self._request("shell", "comm_info_request", parent["content"])
+        content = await self._ask_remote(
+            "comm_info_request", parent["content"], {"status": "ok", "comms": {}}
+        )
         self.session.send(stream, "comm_info_reply", content, parent, ident)
 
     def _forward_sigint(self, remote: RemoteSession) -> Any:
@@ -333,6 +407,38 @@ class DashKernel(IPythonKernel):
 
     # -- Jupyter handlers ----------------------------------------------------------------
 
+    @property
+    def kernel_info(self) -> dict[str, Any]:
+        # ipykernel would offer its debugger and subshells, but they are this relay
+        # process's, where no cell runs: a breakpoint could never be hit.
+        info = {**super().kernel_info, "supported_features": []}
+        placement = self.placement()
+        if placement is not None:
+            # Front ends ask on every connection: a reloaded page learns where it runs.
+            info["dash"] = placement
+        return info
+
+    async def do_debug_request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """A DAP error response: there is no debugger (see :attr:`kernel_info`)."""
+        return {
+            "type": "response",
+            "request_seq": msg.get("seq"),
+            "success": False,
+            "command": msg.get("command"),
+            "message": "the DASH kernel has no debugger: cells run in a remote session",
+        }
+
+    async def create_subshell_request(
+        self, socket: Any, ident: Any, parent: dict[str, Any]
+    ) -> None:
+        content = {
+            "status": "error",
+            "ename": "NotImplementedError",
+            "evalue": "the DASH kernel has no subshells: cells run in one remote session",
+            "traceback": [],
+        }
+        self.session.send(socket, "create_subshell_reply", content, parent, ident)
+
     async def do_execute(
         self,
         code: str,
@@ -365,11 +471,7 @@ class DashKernel(IPythonKernel):
         self._report_checkpoint_problem()
         await self._leave_if_asked()
         try:
-            if store_history and not silent:
-                await self._align_remote_count()
-            reply = await self._request(
-                "shell",
-                "execute_request",
+            reply = await self._run_remote_cell(
                 {
                     "code": code,
                     "silent": silent,
@@ -390,21 +492,45 @@ class DashKernel(IPythonKernel):
             self._checkpoint_after(self._current_count)
         return {**reply, "execution_count": self._current_count}
 
+    async def _run_remote_cell(self, content: dict[str, Any]) -> dict[str, Any]:
+        """Run a cell in the session; if the session turns out lost before its kernel
+        started on the cell (its worker died while the notebook was idle), nothing of the
+        cell ran, so it runs again in a new session (which says so, and restores)."""
+        pending = _Pending(asyncio.get_running_loop().create_future())
+        try:
+            return await self._send_cell(content, pending)
+        except SessionLost:
+            if pending.started:
+                raise
+        return await self._send_cell(content, _Pending(asyncio.get_running_loop().create_future()))
+
+    async def _send_cell(self, content: dict[str, Any], pending: _Pending) -> dict[str, Any]:
+        if content["store_history"] and not content["silent"]:
+            await self._align_remote_count()
+        return await self._request("shell", "execute_request", content, pending=pending)
+
     def finish_metadata(
         self, parent: dict[str, Any], metadata: dict[str, Any], reply_content: dict[str, Any]
     ) -> dict[str, Any]:
         """Every execute_reply says where the session runs (``metadata["dash"]``), so a
         front end (DASH's JupyterLab status bar) can show it."""
         metadata = super().finish_metadata(parent, metadata, reply_content)
-        remote = self.remote
-        if remote is not None and remote.info and remote.lost_reason() is None:
-            metadata["dash"] = {
-                "session": remote.id,
-                "worker": remote.info.get("worker_name"),
-                "where": remote.describe(),
-                "gpus": remote.info.get("gpus", ""),
-            }
+        placement = self.placement()
+        if placement is not None:
+            metadata["dash"] = placement
         return metadata
+
+    def placement(self) -> dict[str, Any] | None:
+        """Where the live session runs (None without one), as front ends are told it."""
+        remote = self.remote
+        if remote is None or not remote.info or remote.lost_reason() is not None:
+            return None
+        return {
+            "session": remote.id,
+            "worker": remote.info.get("worker_name"),
+            "where": remote.describe(),
+            "gpus": remote.info.get("gpus", ""),
+        }
 
     async def _align_remote_count(self) -> None:
         """Keep the remote kernel's cell numbers equal to this notebook's, so its
@@ -541,8 +667,11 @@ class DashKernel(IPythonKernel):
             return f"The session now runs on {self.remote.describe()}.\n"
         return await self._move(spec)
 
-    async def _move(self, spec: ResourceSpec) -> str:
-        """Checkpoint the session, end it, start one for ``spec`` and restore it there."""
+    async def _move(self, spec: ResourceSpec, *, start_first: bool = False) -> str:
+        """Checkpoint the session, end it, start one for ``spec`` and restore it there.
+
+        With ``start_first`` the new session starts, and gets the variables, before the
+        old one ends: if anything fails, the old one stays, whole (a drain's move)."""
         # Checkpoint first: if that fails, the session stays where it is, whole.
         try:
             await self._take_checkpoint(self.remote, self.last_checkpoint_cell())
@@ -551,6 +680,8 @@ class DashKernel(IPythonKernel):
             raise DashError(
                 f"could not checkpoint the session, so it stays on {self.remote.describe()}: {exc}"
             ) from None
+        if start_first:
+            return await self._move_beside(spec)
         old, self.remote = self.remote, None
         await old.shutdown()
         self.session_spec = spec
@@ -565,21 +696,107 @@ class DashKernel(IPythonKernel):
             )
         return f"The session moved to {where}. Carried over: {_restore_summary(restored)}\n"
 
+    async def _move_beside(self, spec: ResourceSpec) -> str:
+        """Start a session for ``spec`` next to the current one, restore the checkpoint
+        there, then end the old one; on any failure (or cancellation) the old one stays."""
+        old, old_pump, old_count = self.remote, self._pump, self._remote_next_count
+        conn = await self._off_loop(connect)
+        new = RemoteSession(conn, spec, asyncio.get_running_loop(), notebook=self.notebook)
+        try:
+            await new.start(timeout=MOVE_START_TIMEOUT)
+            self.remote, self._pump = new, asyncio.create_task(self._pump_events(new))
+            self._remote_next_count = 1
+            restored = await self._restore(self.checkpoint_name)
+        except BaseException as exc:
+            if self.remote is new:
+                self._pump.cancel()
+            new.close()
+            self.remote, self._pump, self._remote_next_count = old, old_pump, old_count
+            if isinstance(exc, (DashError, SessionLost)):
+                raise DashError(f"{exc}; it stays on {old.describe()}") from None
+            raise
+        # The old session's pump would fail the new session's requests when it closes.
+        if old_pump is not None:
+            old_pump.cancel()
+        await old.shutdown()
+        self.session_spec = spec
+        self._announced = where = new.describe()
+        return f"The session moved to {where}. Carried over: {_restore_summary(restored)}\n"
+
+    # The session that was told it stays on its draining machine (told once).
+    _told_to_stay: RemoteSession | None = None
+
     async def _leave_if_asked(self) -> None:
         """Before a cell: if the session's machine is draining, move the session (and its
-        variables) elsewhere, so the drain can end; if it cannot move, it stays."""
+        variables) to a machine that can hold it, so the drain can end. With nowhere to
+        go it stays, and the drain waits for it: the next cells try again."""
         if self._leave is None:
             return
         remote, why = self._leave
-        self._leave = None
-        if remote is not self.remote or remote.lost_reason() is not None:
+        if remote is not self.remote:
+            self._leave = None
+            return
+        lost = remote.lost_reason()
+        if lost is not None:
+            self._leave = None
+            rows = await self._pool_workers(remote.conn)
+            after = _after_loss(remote.spec, rows)
+            self._say(f"DASH: {why}, and the session on it was lost ({lost}). {after}\n", "stderr")
+            return
+        stuck = _nowhere_to_go(remote.spec, await self._pool_workers(remote.conn), remote.info)
+        if stuck is not None:
+            if self._told_to_stay is not remote:
+                self._told_to_stay = remote
+                self._say(f"DASH: {why}; {stuck}.\n", "stderr")
             return
         try:
-            moved = await self._move(self.session_spec)
+            moved = await self._until_interrupted(
+                self._move(self.session_spec, start_first=True), MOVE_TIMEOUT
+            )
         except (DashError, SessionLost) as exc:
-            self._say(f"DASH: {why}, but the session could not move ({exc}).\n", "stderr")
+            self._say(f"DASH: {why}, but the session could not move now ({exc}).\n", "stderr")
             return
+        self._leave = None
         self._say(f"DASH: {why}. {moved}", "stderr")
+
+    async def _pool_workers(self, conn: Connection) -> list[dict[str, Any]] | None:
+        """The scheduler's ``dash_workers`` rows, or None if it cannot say in time."""
+
+        def ask() -> list[dict[str, Any]]:
+            return conn.client.sync(conn.client.scheduler.dash_workers)
+
+        try:
+            return await asyncio.wait_for(self._off_loop(ask), ASK_TIMEOUT)
+        except Exception as exc:
+            self.log.warning("could not ask the scheduler where a session could go: %r", exc)
+            return None
+
+    async def _until_interrupted(self, work: Any, timeout: float) -> Any:
+        """Await ``work``; an interrupt (SIGINT) or ``timeout`` cancels it (DashError)."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(work)
+        interrupted = loop.create_future()
+
+        def handler(*_: Any) -> None:
+            loop.call_soon_threadsafe(lambda: interrupted.done() or interrupted.set_result(True))
+
+        try:
+            previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            previous = None
+        try:
+            await asyncio.wait(
+                {task, interrupted}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise DashError("interrupted" if interrupted.done() else f"it took more than {timeout:g}s")
 
     def checkpoint_status(self) -> str:
         """For ``%dash status``: what a lost session would get back."""
@@ -650,6 +867,13 @@ class DashKernel(IPythonKernel):
             {"code": code, "cursor_pos": cursor_pos},
             lambda: super(DashKernel, self).do_complete(code, cursor_pos),
             code,
+            {
+                "status": "ok",
+                "matches": [],
+                "cursor_start": cursor_pos,
+                "cursor_end": cursor_pos,
+                "metadata": {},
+            },
         )
 
     async def do_inspect(
@@ -662,6 +886,7 @@ class DashKernel(IPythonKernel):
                 code, cursor_pos, detail_level, omit_sections
             ),
             code,
+            {"status": "ok", "found": False, "data": {}, "metadata": {}},
         )
 
     async def do_is_complete(self, code: str) -> dict[str, Any]:
@@ -670,6 +895,7 @@ class DashKernel(IPythonKernel):
             {"code": code},
             lambda: super(DashKernel, self).do_is_complete(code),
             code,
+            {"status": "unknown"},
         )
 
     async def do_history(
@@ -695,23 +921,38 @@ class DashKernel(IPythonKernel):
             "pattern": pattern,
             "unique": unique,
         }
-        if self.remote is None:
-            return {"status": "ok", "history": []}
-        return await self._request("shell", "history_request", content)
+        return await self._ask_remote("history_request", content, {"status": "ok", "history": []})
 
     async def _relay_or_local(
-        self, msg_type: str, content: dict[str, Any], local: Any, code: str
+        self,
+        msg_type: str,
+        content: dict[str, Any],
+        local: Any,
+        code: str,
+        unanswered: dict[str, Any],
     ) -> dict[str, Any]:
         if is_local(code) or self.remote is None:
             # before the first cell there is no session, and completing should not start one
             result = local()
             return await result if asyncio.iscoroutine(result) else result
+        return await self._ask_remote(msg_type, content, unanswered)
+
+    async def _ask_remote(
+        self, msg_type: str, content: dict[str, Any], unanswered: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A quick question for the session's kernel (completion, inspection...): its
+        answer, or ``unanswered`` if there is no live session or it does not answer within
+        ``request_timeout`` (a front end asks on every keystroke or Enter, and waits)."""
+        remote = self.remote
+        if remote is None:
+            return unanswered
         try:
-            return await self._request("shell", msg_type, content)
-        except Exception as exc:
+            return await self._request(
+                "shell", msg_type, content, remote=remote, timeout=self.request_timeout
+            )
+        except (DashError, SessionLost) as exc:
             self.log.warning("could not relay %s: %s", msg_type, exc)
-            result = local()
-            return await result if asyncio.iscoroutine(result) else result
+            return unanswered
 
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         if self.remote is not None:
@@ -731,6 +972,12 @@ def _session_command(code: str) -> tuple[str, str] | None:
     if len(parts) >= 2 and parts[0] == "%dash" and parts[1] in _SESSION_COMMANDS:
         return parts[1], parts[2] if len(parts) == 3 else ""
     return None
+
+
+def _scheduler_gone(conn: Connection) -> str:
+    if conn.gateway_url:
+        return "the DASH gateway restarted, and its cluster with it"
+    return "the cluster's scheduler went away"
 
 
 def _not_moved(failed: dict[str, str], unpicklable: dict[str, str], missing: list[str]) -> str:
@@ -790,6 +1037,62 @@ def _checkpoints_table(found: list[dict[str, Any]], current: str) -> str:
             f"{entry.get('created', '')[:19]} {cell} {notebook}".rstrip()
         )
     return "\n".join(lines) + "\n"
+
+
+def _other_machines(rows: list[dict[str, Any]], info: dict[str, Any]) -> list[dict[str, Any]]:
+    """The running workers of ``rows`` not on the machine of the session ``info`` describes."""
+    worker = info.get("worker_name")
+    machine = next((r.get("machine") for r in rows if r.get("name") == worker), None)
+    return [
+        r
+        for r in rows
+        if r.get("status") == "running"
+        and r.get("name") != worker
+        and (machine is None or r.get("machine") != machine)
+    ]
+
+
+def _can_hold(spec: ResourceSpec, rows: list[dict[str, Any]]) -> bool:
+    if not rows:
+        return False
+    try:
+        check_satisfiable(spec, [(str(r.get("name")), r.get("resources") or {}) for r in rows])
+    except ResourceUnavailable:
+        return False
+    return True
+
+
+def _nowhere_to_go(
+    spec: ResourceSpec, rows: list[dict[str, Any]] | None, info: dict[str, Any]
+) -> str | None:
+    """Why a session for ``spec`` cannot leave its machine now, or None if it can (or the
+    scheduler cannot tell: then a move is tried, and the session stays if it fails)."""
+    if rows is None:
+        return None
+    others = _other_machines(rows, info)
+    if not _can_hold(spec, others):
+        return (
+            "your session stays until a machine that fits joins (no other machine can hold "
+            f"a session that asks for {spec})"
+        )
+    busy = describe_wait(spec, others)
+    if busy:
+        return (
+            "your session stays until a machine that can hold it is free "
+            f"({busy.removeprefix('queued: ')})"
+        )
+    return None
+
+
+def _after_loss(spec: ResourceSpec, rows: list[dict[str, Any]] | None) -> str:
+    """What happens next to a notebook whose session was lost with its draining machine."""
+    running = [r for r in rows or [] if r.get("status") == "running"]
+    if rows is not None and not _can_hold(spec, running):
+        return (
+            f"No machine that fits a session asking for {spec} is connected: a cell starts "
+            "one, with the last checkpoint, once such a machine joins."
+        )
+    return "The next cell starts a new session elsewhere, with the last checkpoint."
 
 
 class DashKernelApp(IPKernelApp):

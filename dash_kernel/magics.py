@@ -131,11 +131,8 @@ class DashMagics(Magics):
             )
         except DashError as exc:
             raise exc.with_traceback(None) from None
-        try:
-            wait_for(conn, [future], fail_fast=False, spec=spec)
-        except KeyboardInterrupt:
-            print("Interrupted: the remote cell was stopped.", file=sys.stderr)
-            raise
+        # Ctrl-C: wait_for stops the remote cell and raises a one-line KeyboardInterrupt.
+        wait_for(conn, [future], fail_fast=False, spec=spec)
         if future.status == "error":
             exc = remote_exception(future)
             # Shown with the remote frames only: the local ones are this magic's.

@@ -6,16 +6,19 @@ import contextlib
 import functools
 import sys
 import threading
+import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import distributed
+from dask.base import is_dask_collection
 from dask.sizeof import sizeof
 from distributed import Future
 from distributed.worker import thread_state
 
-from .cluster import QUEUE_NOTICE_AFTER, Connection, connect
+from .cluster import QUEUE_NOTICE_AFTER, Connection, _task_states, connect
 from .output import Destination
 from .resources import ResourceSpec
 from .tasks import RemoteCall
@@ -24,6 +27,11 @@ from .tracebacks import attach_renderer, clean_traceback
 __all__ = ["RemoteFunction", "map", "remote", "remote_exception", "submit_tasks", "wait_for"]
 
 SCATTER_OVER = 1 << 20  # bytes
+# A cancelled task's thread has this many seconds to stop before its worker is restarted.
+STOP_GRACE = 2.0
+RESTART_TIMEOUT = 30.0
+# Worker task states in which a thread still runs the task (cancelled: not yet noticed).
+_RUNNING_STATES = frozenset({"executing", "long-running", "cancelled", "resumed"})
 
 
 def submit_tasks(
@@ -65,20 +73,25 @@ def submit_tasks(
 
 
 def _scattered(conn: Connection, values: list[Any], *, each_value: bool = False) -> list[Any]:
-    """Values over ``SCATTER_OVER`` bytes sent straight to a worker, replaced by futures.
-
-    In a task's arguments they would travel through the scheduler inside the task graph,
-    and stay in its memory. With ``each_value``, the values of a dict are looked at.
+    """Arguments made ready for a task, as futures that Dask resolves before it runs:
+    Dask collections (a ``Delayed``, a dask array) computed on the cluster, as
+    ``Client.compute`` would, and values over ``SCATTER_OVER`` bytes sent straight to a
+    worker (in a task's arguments they would travel through the scheduler inside the task
+    graph, and stay in its memory). With ``each_value``, the values of a dict are looked at.
     """
     if each_value:
         return [dict(zip(d, _scattered(conn, list(d.values())), strict=True)) for d in values]
-    large = [i for i, value in enumerate(values) if sizeof(value) > SCATTER_OVER]
-    if not large:
-        return values
-    futures = conn.client.scatter([values[i] for i in large], hash=False)
     out = list(values)
-    for i, future in zip(large, futures, strict=True):
-        out[i] = future
+    lazy = [i for i, value in enumerate(values) if is_dask_collection(value)]
+    if lazy:
+        for i, future in zip(lazy, conn.client.compute([values[i] for i in lazy]), strict=True):
+            out[i] = future
+    large = [i for i, value in enumerate(values) if i not in lazy and sizeof(value) > SCATTER_OVER]
+    if large:
+        for i, future in zip(
+            large, conn.client.scatter([values[i] for i in large], hash=False), strict=True
+        ):
+            out[i] = future
     return out
 
 
@@ -114,7 +127,7 @@ def wait_for(
     """Wait until every future is finished. Ctrl-C cancels them all (the remote work
     stops); with ``fail_fast`` the first remote error cancels the rest and is raised.
     If nothing finishes for a few seconds because every worker that fits ``spec`` is
-    busy, say so on stderr."""
+    busy, say so (on stdout: it is news, not an error)."""
     try:
         with _worker_thread_released():
             if spec is not None:
@@ -130,10 +143,60 @@ def wait_for(
                 if on_done is not None:
                     on_done(len(batch))
     except KeyboardInterrupt:
-        conn.client.cancel(futures)
-        raise
+        raise stop_remote_work(conn, futures) from None
     finally:
         conn.router.forget(f.key for f in futures if f.done())
+
+
+def stop_remote_work(conn: Connection, futures: list[Future]) -> KeyboardInterrupt:
+    """Cancel ``futures`` and make sure their code stops: a thread stuck in C code (a
+    long ``time.sleep``) cannot take the exception that stops a cancelled task, so its
+    worker process is restarted. Returns the one-line interrupt to show the user."""
+    keys = [f.key for f in futures if not f.done()]
+    running = _workers_running(conn, keys)
+    conn.client.cancel(futures)
+    deadline = time.monotonic() + STOP_GRACE
+    while running and time.monotonic() < deadline:
+        time.sleep(0.1)
+        running = _workers_running(conn, keys)
+    message = "the remote work was stopped"
+    if running:
+        names = _worker_names(conn, running)
+        conn.client.restart_workers(sorted(running), timeout=RESTART_TIMEOUT, raise_for_error=False)
+        noun = "worker" if len(names) == 1 else "workers"
+        message += f" ({noun} {', '.join(names)} restarted)"
+    return user_interrupt(message)
+
+
+def user_interrupt(message: str) -> KeyboardInterrupt:
+    """A ``KeyboardInterrupt`` that IPython shows as one line, with no local frames."""
+    interrupt = KeyboardInterrupt(message)
+    line = f"\x1b[0;31mKeyboardInterrupt\x1b[0m: {message}"
+    interrupt._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
+    return interrupt
+
+
+def _workers_running(conn: Connection, keys: list[str]) -> set[str]:
+    """Addresses of the workers with a thread still running one of ``keys``."""
+    if not keys:
+        return set()
+    try:
+        states = conn.client.run(_task_states, keys, on_error="return")
+    except Exception:
+        return set()
+    return {
+        address
+        for address, by_key in states.items()
+        if isinstance(by_key, dict) and _RUNNING_STATES.intersection(by_key.values())
+    }
+
+
+def _worker_names(conn: Connection, addresses: set[str]) -> list[str]:
+    try:
+        info = conn.client.scheduler_info(n_workers=-1)["workers"]
+    except Exception:
+        info = {}
+    return sorted(str(info.get(a, {}).get("name", a)) for a in addresses)
 
 
 def _say_if_queued(conn: Connection, futures: list[Future], spec: ResourceSpec) -> None:
@@ -143,7 +206,25 @@ def _say_if_queued(conn: Connection, futures: list[Future], spec: ResourceSpec) 
     if not first_done.wait(QUEUE_NOTICE_AFTER):
         reason = conn.waiting_reason(spec, [f.key for f in futures if not f.done()])
         if reason:
-            print(f"DASH: {reason}", file=sys.stderr, flush=True)
+            print(f"DASH: {reason}", flush=True)
+
+
+def _progress_bar(**options: Any) -> Any:
+    """A ``tqdm.auto`` bar: a widget in a notebook that can show one, else text.
+
+    Without ipywidgets tqdm warns that it falls back to text; a plain kernel is an
+    ordinary place to be, so it falls back silently. A text bar in a Jupyter kernel goes
+    to stdout, which front ends do not colour as an error.
+    """
+    from tqdm.std import TqdmWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TqdmWarning)
+        from tqdm.auto import tqdm
+        from tqdm.autonotebook import tqdm as chosen  # the widget bar, or the text one
+    if "ipykernel.zmqshell" in sys.modules and chosen.__module__ == "tqdm.std":
+        options.setdefault("file", sys.stdout)
+    return tqdm(**options)
 
 
 def _spec_kwargs(gpu, cpu, memory, vram) -> ResourceSpec:
@@ -265,9 +346,7 @@ def map(
         priority=priority,
         retries=retries,
     )
-    from tqdm.auto import tqdm
-
-    with tqdm(
+    with _progress_bar(
         total=len(items),
         disable=not progress,
         desc=getattr(function, "__name__", "map"),
@@ -276,10 +355,11 @@ def map(
     ) as bar:
         wait_for(conn, futures, on_done=bar.update, fail_fast=not return_exceptions, spec=spec)
     results: list[Any] = [None] * len(futures)
-    good = [i for i, f in enumerate(futures) if f.status == "finished"]
-    for i, value in zip(good, conn.client.gather([futures[i] for i in good]), strict=False):
+    # Not only the finished ones: a result lost with a dead worker is being recomputed.
+    good = [i for i, f in enumerate(futures) if f.status != "error"]
+    for i, value in zip(good, conn.client.gather([futures[i] for i in good]), strict=True):
         results[i] = value
     for i, future in enumerate(futures):
-        if future.status != "finished":
+        if future.status == "error":
             results[i] = remote_exception(future)
     return results

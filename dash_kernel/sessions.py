@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import dask
 from distributed import Future, get_worker
 from jupyter_client.jsonutil import json_default
 
@@ -36,6 +37,8 @@ from .tasks import Tracked
 __all__ = ["PLUGIN_NAME", "RemoteSession", "SessionEvents", "SessionLost", "host_session"]
 
 PLUGIN_NAME = "dash-session-host"
+# The Dask annotation on a session's task that names its notebook (read by the gateway).
+NOTEBOOK_ANNOTATION = "dash_notebook"
 HEARTBEAT_TIMEOUT = 10.0
 START_TIMEOUT = 120.0
 
@@ -95,9 +98,18 @@ def host_session(
 class RemoteSession:
     """The kernel's end of one remote session."""
 
-    def __init__(self, conn: Connection, spec: ResourceSpec, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self,
+        conn: Connection,
+        spec: ResourceSpec,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        notebook: str | None = None,
+    ):
         self.conn = conn
         self.spec = spec
+        # Shown where the session is listed (the dashboard, a drain's status) in place of its id.
+        self.notebook = notebook
         self.loop = loop
         self.id = uuid.uuid4().hex
         self.to_host = f"dash-session-{self.id}-in"
@@ -124,17 +136,19 @@ class RemoteSession:
         behind other work for a few seconds, tell ``on_queued`` why."""
         self.conn.ensure_satisfiable(self.spec)
         self.conn.client.subscribe_topic(self.to_kernel, self._on_event)
-        self.future = self.conn.client.submit(
-            host_session,
-            self.id,
-            self.to_host,
-            self.to_kernel,
-            self.conn.client_environment(),
-            self.spec.memory,
-            key=f"dash-session-{self.id}",
-            resources=self.spec.to_dask() or None,
-            pure=False,
-        )
+        annotations = {NOTEBOOK_ANNOTATION: self.notebook[:200]} if self.notebook else {}
+        with dask.annotate(**annotations):
+            self.future = self.conn.client.submit(
+                host_session,
+                self.id,
+                self.to_host,
+                self.to_kernel,
+                self.conn.client_environment(),
+                self.spec.memory,
+                key=f"dash-session-{self.id}",
+                resources=self.spec.to_dask() or None,
+                pure=False,
+            )
         deadline = time.monotonic() + timeout
         notice_at = time.monotonic() + QUEUE_NOTICE_AFTER if on_queued else None
         while True:
@@ -191,10 +205,34 @@ class RemoteSession:
         if self.ended:
             return self.ended
         if self.future is not None and self.future.status in ("error", "cancelled", "lost"):
-            return f"the session task ended ({self.future.status})"
+            self.ended = self._task_end_reason()
+            return self.ended
         if self.silent_for() > HEARTBEAT_TIMEOUT:
+            if self.conn.client.status != "running":
+                # the scheduler is gone, not the worker: Dask relays every event through it
+                return (
+                    "the DASH kernel lost touch with its cluster's scheduler "
+                    "(is the DASH gateway restarting?)"
+                )
             return f"no word from worker {self.info.get('worker_name', '?')} for {self.silent_for():.0f}s"
         return None
+
+    def _task_end_reason(self) -> str:
+        if self.future.status == "error":
+            try:
+                # already here: the scheduler sent it with the task's new state
+                exc = self.future.exception(timeout=5)
+            except Exception:
+                exc = None
+            if getattr(exc, "worker", None):
+                # not the task's doing: whatever killed the worker killed the session
+                return (
+                    f"worker {exc.worker} died ({exc.how}), and the session's kernel and "
+                    "its variables with it"
+                )
+            if exc is not None:
+                return f"the session task failed: {exc}"
+        return f"the session task ended ({self.future.status})"
 
     def send(self, channel: str, message: dict[str, Any]) -> None:
         self._send.emit("message", channel=channel, message=encode_message(message))

@@ -5,22 +5,46 @@ from __future__ import annotations
 import ast
 import builtins
 import contextlib
+import copyreg
 import ctypes
+import io
 import linecache
+import os
+import pickle
 import threading
+import types
+from collections import ChainMap
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import cloudpickle
 from distributed import get_worker
 
 from .capture import format_display, open_figures, publish_new_figures, task_output
-from .serialize import SerializationError, dumps, dumps_names, loads, loads_names
+from .serialize import (
+    SerializationError,
+    _user_code_by_value,
+    dumps_names,
+    loads,
+    loads_names,
+)
 
-__all__ = ["RemoteCall", "RemoteCancelled", "Tracked", "cancel_running", "run_cell"]
+__all__ = [
+    "RUNNING_FILE_ENV",
+    "RemoteCall",
+    "RemoteCancelled",
+    "Tracked",
+    "cancel_running",
+    "dumps_function",
+    "run_cell",
+]
 
 # key -> thread ident of the task running it, so a cancelled task can be stopped.
 _running: dict[str, int] = {}
 _running_lock = threading.Lock()
+# Set by the DASH nanny plugin: the file where this worker process keeps the keys of the
+# DASH tasks it runs, so that its nanny can tell which task a dead worker was running.
+RUNNING_FILE_ENV = "DASH_RUNNING_FILE"
 
 
 class RemoteCancelled(Exception):
@@ -34,10 +58,24 @@ class Tracked:
         self.key = str(get_worker().get_current_task())
         with _running_lock:
             _running[self.key] = threading.get_ident()
+            _write_running()
 
     def __exit__(self, *exc_info: object) -> None:
         with _running_lock:
             _running.pop(self.key, None)
+            _write_running()
+
+
+def _write_running() -> None:
+    """Written before the task's code runs: a segfault leaves no time for anything else."""
+    path = os.environ.get(RUNNING_FILE_ENV)
+    if not path:
+        return
+    try:
+        with open(path, "w") as file:
+            file.write("\n".join(_running))
+    except OSError:
+        pass  # then a death of this worker is blamed as Dask would blame it
 
 
 def cancel_running(key: str) -> bool:
@@ -86,7 +124,34 @@ class RemoteCall:
     def __reduce__(self) -> tuple[Any, ...]:
         # Dask pickles with plain pickle first, which would send a function from the
         # user's own module by reference; ours honours ship_local_modules().
-        return (_restore_call, (dumps(self.fn), self.topic, self.display, self.storage))
+        return (_restore_call, (dumps_function(self.fn), self.topic, self.display, self.storage))
+
+
+def _code_with_filename(arguments: tuple[Any, ...], filename: str) -> types.CodeType:
+    return types.CodeType(*arguments).replace(co_filename=filename)
+
+
+def _code_reduce(code: types.CodeType) -> tuple[Any, ...]:
+    # cloudpickle sends code as "<dynamic-code>"; the real file name lets the caller's
+    # linecache (IPython's cells, the user's files) show the lines of a remote traceback.
+    _, arguments = cloudpickle.cloudpickle._code_reduce(code)
+    return _code_with_filename, (arguments, code.co_filename)
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, with code objects keeping the name of the file they came from."""
+
+    _dispatch_table = {**cloudpickle.Pickler._dispatch_table, types.CodeType: _code_reduce}
+    dispatch_table = ChainMap(_dispatch_table, copyreg.dispatch_table)
+
+
+def dumps_function(fn: Callable[..., Any]) -> bytes:
+    """Pickle a task's function as :func:`~dash_kernel.serialize.dumps` does, with its
+    code's file names kept, so that remote tracebacks show the user's own lines."""
+    buffer = io.BytesIO()
+    with _user_code_by_value():
+        _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(fn)
+    return buffer.getvalue()
 
 
 def _restore_call(

@@ -9,11 +9,14 @@ errors carry a ``_render_traceback_`` built on it.
 from __future__ import annotations
 
 import linecache
+import logging
 import os
 import sys
 import traceback
 from collections.abc import Callable
 from types import TracebackType
+
+from .errors import DashError
 
 __all__ = ["attach_renderer", "clean_traceback", "render_traceback"]
 
@@ -23,6 +26,8 @@ _OWN_DIR = os.path.dirname(os.path.abspath(__file__))
 _INTERNAL_PARTS = (f"{os.sep}distributed{os.sep}", f"{os.sep}dash_kernel{os.sep}")
 _RED, _GREEN, _CYAN, _RESET = "\x1b[0;31m", "\x1b[0;32m", "\x1b[0;36m", "\x1b[0m"
 _CONTEXT = 2
+
+log = logging.getLogger(__name__)
 
 
 def _is_internal(filename: str) -> bool:
@@ -56,15 +61,24 @@ def _chain(exc: BaseException) -> list[BaseException]:
 def _relinked(tb: TracebackType | None) -> TracebackType | None:
     """``tb`` with Dask's, IPython's and DASH's own frames unlinked."""
     kept = _kept(tb)
+    if not kept:
+        return None
     for this, following in zip(kept, [*kept[1:], None], strict=True):
         this.tb_next = following
-    return kept[0] if kept else None
+    return kept[0]
 
 
 def clean_traceback(exc: BaseException) -> BaseException:
-    """Unlink Dask's and DASH's own frames from ``exc``'s traceback (and its causes')."""
-    for current in _chain(exc):
-        current.__traceback__ = _relinked(current.__traceback__)
+    """Unlink Dask's and DASH's own frames from ``exc``'s traceback (and its causes').
+
+    Never raises: on any failure ``exc`` is returned as it is, since the user's error
+    matters more than a tidy traceback.
+    """
+    try:
+        for current in _chain(exc):
+            current.__traceback__ = _relinked(current.__traceback__)
+    except Exception:
+        log.debug("could not clean the traceback of %r", exc, exc_info=True)
     return exc
 
 
@@ -99,8 +113,25 @@ def render_traceback(exc: BaseException, tb: TracebackType | None = None) -> lis
     """IPython-style traceback lines (with colours) for ``exc``, without internal frames.
 
     ``tb`` overrides ``exc.__traceback__`` for the last exception of the chain. Cells are
-    labelled as IPython labels them ("Cell In[3]") when running in IPython.
+    labelled as IPython labels them ("Cell In[3]") when running in IPython. If rendering
+    fails, Python's plain traceback of ``exc`` is returned instead.
     """
+    try:
+        return _render(exc, tb)
+    except Exception:
+        log.debug("could not render the traceback of %r", exc, exc_info=True)
+        return _plain(exc, tb)
+
+
+def _plain(exc: BaseException, tb: TracebackType | None) -> list[str]:
+    try:
+        lines = traceback.format_exception(type(exc), exc, tb or exc.__traceback__)
+    except Exception:
+        lines = traceback.format_exception_only(type(exc), exc)
+    return "".join(lines).rstrip("\n").split("\n")
+
+
+def _render(exc: BaseException, tb: TracebackType | None) -> list[str]:
     out: list[str] = []
     namer = _ipython_namer()
     chain = _chain(exc)
@@ -134,6 +165,9 @@ def render_traceback(exc: BaseException, tb: TracebackType | None = None) -> lis
 def attach_renderer(exc: BaseException, *, tb: TracebackType | None = None) -> BaseException:
     """Have IPython show ``exc`` with :func:`render_traceback`. ``_render_traceback_`` is
     IPython's hook; as an instance attribute it leaves the exception its own type, so
-    ``except ValueError`` still catches a remote ``ValueError``."""
+    ``except ValueError`` still catches a remote ``ValueError``. DASH's own errors keep
+    their one-line rendering."""
+    if isinstance(exc, DashError):
+        return exc
     exc._render_traceback_ = lambda: render_traceback(exc, tb)  # type: ignore[attr-defined]
     return exc

@@ -29,6 +29,7 @@ from dash_worker.plan import (
     WorkerSpec,
     affinity_cores,
     plan_workers,
+    with_gpu_locks,
 )
 from dash_worker.probe import GpuMonitor, utilisation
 from dash_worker.serve import HARD_EXIT_AFTER, build_nanny, close_nannies, worker_security
@@ -322,9 +323,20 @@ class Agent:
         work = record.get("current_work") if isinstance(record, dict) else None
         self._idle_beats = self._idle_beats + 1 if work == 0 else 0
         if work:
-            log.info("draining: %s task(s) still running", work)
+            self._say_what_drain_waits_for(record, work)
         if self._idle_beats >= IDLE_BEATS_TO_DRAINED:
             self._drained()
+
+    # What the drain last said it waits for: said again only when that changes.
+    _drain_waits_for: str | None = None
+
+    def _say_what_drain_waits_for(self, record: Mapping[str, Any], work: Any) -> None:
+        drain = record.get("drain")
+        message = drain.get("message") if isinstance(drain, dict) else None
+        message = str(message or f"draining: {work} task(s) still running")
+        if message != self._drain_waits_for:
+            self._drain_waits_for = message
+            log.info("%s", message)
 
     def _drained(self) -> None:
         self._finish(
@@ -489,6 +501,7 @@ def run_agent(
         workers = plan_workers(
             config.name, hardware, caps, int(config.options.get("gpu_threads", 2))
         )
+        workers = with_gpu_locks(workers, str(store.directory / "gpu-locks"))
         cores = pin_to_cores(caps, workers)
     except CapsError as exc:
         raise AgentExit(EXIT_USAGE, f"dash-worker {command}: error: {exc}") from None

@@ -166,6 +166,9 @@ def format_record(record: Mapping[str, Any], gateway: str) -> str:
                 text += f"; GPU {gpu['index']} {gpu['utilisation']:.0f}%"
         rows.append(("load", text))
     rows.append(("running work", f"{record.get('current_work', 0)} task(s)"))
+    drain = record.get("drain")
+    if isinstance(drain, dict) and drain.get("message"):
+        rows.append(("drain", str(drain["message"])))
     workers = record.get("workers") or []
     rows.append(("workers", "none connected" if not workers else ""))
     width = max(len(label) for label, _ in rows) + 2

@@ -328,15 +328,10 @@ def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
 def ipython_kernel(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory):
     """A real IPython kernel started as the gateway starts kernels (DASH_* set), with
     ``%load_ext dash_kernel`` already run. One per test module, shut down after it."""
-    from kernels import KernelDriver
+    from kernels import dash_ipython_kernel
 
-    kernel = KernelDriver(env=gateway.env, cwd=str(tmp_path_factory.mktemp("kernel")))
-    try:
-        setup = kernel.execute("%load_ext dash_kernel", timeout=60)
-        assert setup.status == "ok", setup.traceback_text()
+    with dash_ipython_kernel(gateway.env, str(tmp_path_factory.mktemp("kernel"))) as kernel:
         yield kernel
-    finally:
-        kernel.shutdown()
 
 
 @dataclass

@@ -143,9 +143,9 @@ def test_queued_work_says_why(pool: Gateway, capfd: pytest.CaptureFixture[str]) 
     wait_until(lambda: machine_workers(pool, "rig")["rig-gpu0"]["processing"], 10, "blocker")
     assert dk.remote(gpu="A100")(where)()[0] == "rig-gpu0"
     assert blocker.result()[0] == "rig-gpu0"
-    err = capfd.readouterr().err
-    assert "DASH: queued: it needs gpu='A100'" in err
-    assert "rig-gpu0 has no GPU free (1 in all)" in err
+    out = capfd.readouterr().out  # news, not an error: on stdout
+    assert "DASH: queued: it needs gpu='A100'" in out
+    assert "rig-gpu0 has no GPU free (1 in all)" in out
 
 
 # ----- machine states --------------------------------------------------------------------

@@ -21,12 +21,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import dask
 import pytest
 from browser import open_page, run_async, screenshot
 from conftest import Gateway, launch_gateway, run_dash_worker, wait_until
 from playwright.sync_api import Page, expect
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+from dash_kernel.sessions import NOTEBOOK_ANNOTATION
 
 A100 = "NVIDIA A100-SXM4-80GB:80GB"
 HARDWARE = {"hostname": "box.example.org", "cpus": 8, "memory": 16 * 10**9, "gpus": []}
@@ -318,8 +321,13 @@ def test_each_user_sees_only_their_own_sessions_and_work(
     bob_client = user_client(gw, bob)
     session = uuid.uuid4().hex
     try:
+        # Annotated as a DASH kernel annotates its session: with the notebook's name.
+        with dask.annotate(**{NOTEBOOK_ANNOTATION: "renders/train.ipynb"}):
+            session_future = operator_client.submit(
+                hold, 0, key=f"dash-session-{session}", pure=False
+            )
         futures = [
-            operator_client.submit(hold, 0, key=f"dash-session-{session}", pure=False),
+            session_future,
             *(operator_client.submit(hold, i, key=f"opwork-{i}") for i in range(2)),
             *(bob_client.submit(hold, i, key=f"bobwork-{i}") for i in range(3)),
         ]
@@ -334,6 +342,7 @@ def test_each_user_sees_only_their_own_sessions_and_work(
         seen = wait_until(all_there, 30, "the running session and both users' work")
         [row] = seen["sessions"]
         assert (row["id"], row["user"], row["machine"]) == (session, "operator", "local")
+        assert row["notebook"] == "renders/train.ipynb"
         assert row["state"] == "running" and row["worker"].startswith("local-")
         assert row["started"]
         work = {w["name"]: w for w in seen["work"]}
@@ -352,6 +361,15 @@ def test_each_user_sees_only_their_own_sessions_and_work(
         assert (mine["storage"]["objects"], mine["storage"]["bytes"]) == (1, saved)
         assert mine["storage"]["backend"]["backend"] == "local"
 
+        page = logged_in(browser, gw, "dash/")
+        try:
+            # The operator's own session is listed by its notebook's name.
+            expect(page.locator(f'#sessions tr[data-session="{session}"] th')).to_have_text(
+                "renders/train.ipynb"
+            )
+        finally:
+            page.context.close()
+
         page = logged_in(browser, gw, "dash/", token=bob)
         try:
             expect(page.locator('#work li[data-work="bobwork"]')).to_be_visible()
@@ -359,7 +377,7 @@ def test_each_user_sees_only_their_own_sessions_and_work(
             expect(page.locator("#work progress")).to_have_attribute("max", "3")
             expect(page.locator("#sessions-empty")).to_be_visible()
             expect(page.locator('[data-storage="objects"]')).to_have_text("1")
-            assert session not in page.content()
+            assert session not in page.content() and "train.ipynb" not in page.content()
             # Buttons only on bob's own machine.
             bobs = page.locator('#workers tr[data-machine="bobbox"]')
             expect(bobs.get_by_role("button", name="Pause bobbox")).to_be_visible()

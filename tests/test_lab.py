@@ -168,6 +168,19 @@ def test_lab_offers_dash_and_its_status_bar_names_the_sessions_worker(
         expect(sessions.locator("tbody th", has_text="this notebook")).to_contain_text(worker)
         screenshot(page, "lab-panel")
 
+        # After a page reload, the live session is still this notebook's, before any cell.
+        page.reload()
+        expect(page.locator(".jp-NotebookPanel-toolbar")).to_contain_text(
+            "DASH distributed", timeout=LAB_LOADS_MS
+        )
+        expect(status).to_have_text(
+            f"DASH: 2 workers · 0 GPUs · this notebook: {worker}", timeout=CELL_RUNS_MS
+        )
+        status.click()
+        expect(page.locator(PANEL).locator(".dash-Panel-placement")).to_have_attribute(
+            "data-worker", worker
+        )
+
         # A restarted kernel has no session until its next cell: the status bar says so.
         page.locator(".jp-NotebookPanel").click()
         page.get_by_role("menuitem", name="Kernel").click()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
@@ -158,3 +159,64 @@ def test_unknown_dash_command_says_what_exists(ipython_kernel, line):
     run = ipython_kernel.execute(line)
     assert run.error["ename"] == "DashError"
     assert "%dash status" in run.error["evalue"]
+
+
+def interrupt_after(kernel, marker: str, delay: float, fired: threading.Event):
+    """An ``on_message`` callback: interrupt ``kernel`` ``delay`` s after ``marker`` prints."""
+
+    def watch(msg):
+        if msg["msg_type"] == "stream" and marker in msg["content"]["text"] and not fired.is_set():
+            fired.set()
+            threading.Timer(delay, kernel.interrupt).start()
+
+    return watch
+
+
+def assert_one_line_interrupt(run) -> str:
+    assert run.status == "error"
+    assert run.error["ename"] == "KeyboardInterrupt"
+    text = run.traceback_text()
+    assert len(text.splitlines()) == 1, text
+    assert "File " not in text and "distributed" not in text and "dash_kernel" not in text
+    assert run.stream("stderr") == ""
+    return text
+
+
+def assert_next_map_is_quick(kernel) -> None:
+    started = time.monotonic()
+    follow = kernel.execute(
+        "import dash_kernel as dk\nprint(dk.map(abs, range(-3, 3), progress=False))", timeout=30
+    )
+    assert follow.stream() == "[3, 2, 1, 0, 1, 2]\n", follow.traceback_text()
+    assert time.monotonic() - started < 8, "the next work waited behind the interrupted one"
+
+
+@pytest.mark.timeout(120)
+def test_interrupting_a_cell_stuck_in_c_code_restarts_its_worker(ipython_kernel):
+    fired = threading.Event()
+    run = ipython_kernel.execute(
+        "%%dash\nimport time\nprint('sleeping', flush=True)\ntime.sleep(40)",
+        on_message=interrupt_after(ipython_kernel, "sleeping", 0.5, fired),
+        timeout=60,
+    )
+    assert fired.is_set()
+    text = assert_one_line_interrupt(run)
+    assert re.fullmatch(
+        r"KeyboardInterrupt: the remote work was stopped \(worker local-\d restarted\)", text
+    ), text
+    assert_next_map_is_quick(ipython_kernel)
+
+
+@pytest.mark.timeout(120)
+def test_interrupting_a_map_of_sleeps_stops_all_of_them(ipython_kernel):
+    fired = threading.Event()
+    run = ipython_kernel.execute(
+        "import dash_kernel as dk, time\nprint('mapping', flush=True)\n"
+        "dk.map(time.sleep, [40] * 6, progress=False)",
+        on_message=interrupt_after(ipython_kernel, "mapping", 2.0, fired),
+        timeout=60,
+    )
+    assert fired.is_set()
+    text = assert_one_line_interrupt(run)
+    assert "the remote work was stopped (workers local-0, local-1 restarted)" in text, text
+    assert_next_map_is_quick(ipython_kernel)

@@ -208,3 +208,47 @@ def test_large_arguments_go_straight_to_a_worker(conn):
         warnings.simplefilter("error")
         assert weighted(big, weights=big) == float(big.size)
         assert dk.map(np.sum, [big, big[:10]], progress=False) == [big.size, 10]
+
+
+def test_remote_error_in_a_notebook_shows_the_cells_own_line(ipython_kernel):
+    run = ipython_kernel.execute(
+        "import dash_kernel as dk\n"
+        "@dk.remote\n"
+        "def risky(x):\n"
+        "    y = x + 1\n"
+        "    raise KeyError(f'missing {y}')\n"
+        "risky(1)"
+    )
+    assert run.error["ename"] == "KeyError"
+    text = run.traceback_text()
+    cell = f"Cell In[{run.reply['content']['execution_count']}]"
+    assert f"{cell}, line 5, in risky()" in text, text
+    assert "----> 5     raise KeyError(f'missing {y}')" in text, text
+    assert "<dynamic-code>" not in text
+
+
+def test_a_scheduler_without_dashs_plugin_still_says_why_work_waits():
+    """A plain Dask scheduler (as behind ``--scheduler-address``) lacks the plugin's
+    ``dash_workers``: why work waits is then told from what the workers say."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        plain = dk.Connection(client, owns_client=False)
+        blockers = client.map(time.sleep, [6, 6], pure=False)
+        deadline = time.monotonic() + 10
+        while sum(len(keys) for keys in client.processing().values()) < 2:
+            assert time.monotonic() < deadline, "the blockers did not start"
+            time.sleep(0.05)
+        waiting = client.submit(abs, -1, pure=False)
+        reason = plain.waiting_reason(dk.ResourceSpec(), [waiting.key])
+        assert reason is not None and reason.startswith(
+            "queued: it needs any worker, and all 2 workers that can run it are busy"
+        ), reason
+        assert plain.waiting_reason(dk.ResourceSpec(), [waiting.key]) == reason  # asked again
+        assert waiting.result(timeout=30) == 1
+        client.cancel(blockers)

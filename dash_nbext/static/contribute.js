@@ -1,7 +1,7 @@
 // The contribute page: create an invite, copy its join command, follow one's own machines.
 import {
   announce, api, connectionIndicator, followOverview, formatAgo, formatBytes, h,
-  machineActions, machineShares, mayAct, redraw, showError, stateBadge, user, utilisationText,
+  machineActions, machineShares, machineState, mayAct, redraw, showError, user, utilisationText,
 } from "./dash.js";
 
 const $ = (id) => document.getElementById(id);
@@ -85,7 +85,7 @@ function activity(machine, sessions) {
 function machineRow(machine, sessions) {
   return h("tr", { dataset: { machine: machine.name } },
     h("th", { scope: "row" }, machine.name),
-    h("td", {}, stateBadge(machine.state)),
+    h("td", {}, machineState(machine)),
     h("td", {}, sharesText(machine)),
     h("td", {}, utilisationText(machine)),
     h("td", {}, activity(machine, sessions)),

@@ -131,6 +131,13 @@ export function stateBadge(state) {
   return h("span", { class: "state", dataset: { state: state ?? "unknown" } }, state ?? "unknown");
 }
 
+/** A machine's state badge; while it drains, what the drain waits for, under it. */
+export function machineState(machine) {
+  const waiting = machine.drain?.message;
+  if (!waiting) return stateBadge(machine.state);
+  return h("div", {}, stateBadge(machine.state), h("span", { class: "sub drain" }, waiting));
+}
+
 /** What a machine shares: CPUs, RAM, and its shared GPUs with their models and VRAM. */
 export function machineShares(machine) {
   const caps = machine.caps || {};

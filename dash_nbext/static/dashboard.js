@@ -1,7 +1,7 @@
 // The dashboard: workers, the user's sessions and work, storage use; live from /dash/api/events.
 import {
   connectionIndicator, followOverview, formatAgo, formatBytes, h, machineActions,
-  machineShares, mayAct, redraw, showError, stateBadge, utilisationText,
+  machineShares, machineState, mayAct, redraw, showError, stateBadge, utilisationText,
 } from "./dash.js";
 
 const $ = (id) => document.getElementById(id);
@@ -24,7 +24,7 @@ function workerRow(machine) {
     h("td", {}, shares.gpuModels || "–"),
     h("td", { class: "num" }, shares.vram ? formatBytes(shares.vram) : "–"),
     h("td", {}, utilisationText(machine)),
-    h("td", {}, stateBadge(machine.state)),
+    h("td", {}, machineState(machine)),
     h("td", { class: "num" }, machine.current_work ?? 0),
     h("td", {}, mayAct(machine) ? machineActions(machine) : ""),
   );
@@ -39,7 +39,8 @@ function resourcesText(resources) {
 
 function sessionRow(session) {
   return h("tr", { dataset: { session: session.id } },
-    h("th", { scope: "row" }, h("code", {}, session.id.slice(0, 12))),
+    h("th", { scope: "row", title: `session ${session.id}` },
+      session.notebook ? session.notebook : h("code", {}, session.id.slice(0, 12))),
     h("td", {}, session.user ?? "–"),
     h("td", {}, session.worker ?? "–", session.machine ? h("span", { class: "sub" }, `on ${session.machine}`) : null),
     h("td", {}, resourcesText(session.resources)),

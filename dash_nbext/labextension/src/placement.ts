@@ -13,6 +13,16 @@ export interface IPlacement {
   gpus: string;
 }
 
+/** A placement from what a kernel sent (execute_reply metadata or kernel_info). */
+function toPlacement(dash: Partial<IPlacement>): IPlacement {
+  return {
+    session: String(dash.session ?? ''),
+    worker: String(dash.worker),
+    where: String(dash.where ?? ''),
+    gpus: String(dash.gpus ?? '')
+  };
+}
+
 /** A widget with a kernel session (a notebook, a console), found without importing them. */
 function sessionContextOf(widget: Widget | null): ISessionContext | null {
   const context = (widget as { sessionContext?: ISessionContext } | null)?.sessionContext;
@@ -85,6 +95,28 @@ export class PlacementTracker {
     if (kernel) {
       this._owners.set(kernel, context);
       kernel.anyMessage.connect(this._onMessage, this);
+      // A page reloaded while the session lives has seen no execute_reply yet: the
+      // kernel_info reply (asked for on every connection) says where it runs.
+      void kernel.info.then(
+        info => this._placeFromInfo(context, kernel, info),
+        () => undefined
+      );
+    }
+  }
+
+  private _placeFromInfo(
+    context: ISessionContext,
+    kernel: Kernel.IKernelConnection,
+    info: KernelMessage.IInfoReply
+  ): void {
+    const dash = (info as { dash?: Partial<IPlacement> }).dash;
+    // An execute_reply seen since is newer than the kernel_info reply.
+    if (this._watched.get(context) !== kernel || this._placements.has(context)) {
+      return;
+    }
+    if (dash && typeof dash === 'object' && dash.worker) {
+      this._placements.set(context, toPlacement(dash));
+      this._changed.emit();
     }
   }
 
@@ -102,12 +134,7 @@ export class PlacementTracker {
       | undefined;
     const before = this._placements.get(context);
     if (dash && typeof dash === 'object' && dash.worker) {
-      this._placements.set(context, {
-        session: String(dash.session ?? ''),
-        worker: String(dash.worker),
-        where: String(dash.where ?? ''),
-        gpus: String(dash.gpus ?? '')
-      });
+      this._placements.set(context, toPlacement(dash));
     } else {
       // No placement in the reply: this kernel has no live DASH session (any more).
       this._placements.delete(context);
