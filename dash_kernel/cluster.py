@@ -29,7 +29,14 @@ from .output import OutputRouter
 from .plugin import DashWorkerPlugin, WorkerDeathPlugin
 from .resources import ResourceSpec, check_satisfiable, describe_wait, worker_resources
 
-__all__ = ["Connection", "connect", "disconnect", "gateway_request", "join_handed_down_cluster"]
+__all__ = [
+    "Connection",
+    "connect",
+    "current_connection",
+    "disconnect",
+    "gateway_request",
+    "join_handed_down_cluster",
+]
 
 log = logging.getLogger(__name__)
 
@@ -456,6 +463,11 @@ def join_handed_down_cluster() -> None:
         log.warning(
             "could not join the notebook's cluster; dk connects on first use", exc_info=True
         )
+
+
+def current_connection() -> Connection | None:
+    """This process's DASH connection if it has made one (never starts one)."""
+    return _connection
 
 
 def disconnect() -> None:

@@ -6,7 +6,6 @@ import contextlib
 import contextvars
 import logging
 import os
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -97,9 +96,9 @@ def _gateway_transport(url: str, token: str | None, storage_token: str | None) -
 def _connected_gateway() -> tuple[str, str] | None:
     """``(gateway URL, storage token)`` of the gateway this process connected to with
     ``dk.connect(url, token)``, if it did: storage follows the connection the user made."""
-    # Looked up, not imported: without dash_kernel.cluster loaded there is no connection.
-    cluster = sys.modules.get("dash_kernel.cluster")
-    connection = getattr(cluster, "_connection", None)
+    from ..cluster import current_connection  # cluster imports this module
+
+    connection = current_connection()
     if connection is None or not connection.gateway_url:
         return None
     return connection.storage_access()
