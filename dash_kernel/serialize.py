@@ -36,9 +36,14 @@ class SerializationError(DashError, TypeError):
         super().__init__(f"cannot {action} {noun} {listed}")
 
 
+# DASH's own packages are on every worker, however DASH was installed (an editable install
+# lists only a .pth file, so no distribution seems to provide them).
+_DASH_PACKAGES = frozenset({"dash_kernel", "dash_gateway", "dash_worker", "dash_nbext"})
+
+
 @functools.cache
 def _installed_top_level() -> frozenset[str]:
-    return frozenset(importlib.metadata.packages_distributions())
+    return frozenset(importlib.metadata.packages_distributions()) | _DASH_PACKAGES
 
 
 _lock = threading.RLock()

@@ -102,3 +102,16 @@ def test_this_install_is_visible_to_every_jupyter_tool() -> None:
     assert specs["dash"]["spec"]["display_name"] == "DASH distributed"
     assert re.search(r"dash_gateway\s+\S*enabled", _jupyter("server", "extension", "list"))
     assert re.search(r"dash-distributed-jupyterlab v\S+\s+\S*enabled", _jupyter("labextension", "list"))
+
+
+def test_dash_itself_is_never_shipped_as_user_code() -> None:
+    """Functions from the user's own modules travel by value; DASH's, which every worker
+    has, never do, however it was installed (an editable install's metadata names only
+    a .pth file)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import benchmarks.tasks, dash_gateway, dash_worker\n"
+         "from dash_kernel.serialize import _user_modules\n"
+         "print(sorted(m.__name__ for m in _user_modules()))"],
+        capture_output=True, text=True, cwd=REPO, timeout=120, check=True,
+    )  # fmt: skip
+    assert done.stdout.strip() == "['benchmarks']", done.stdout + done.stderr
