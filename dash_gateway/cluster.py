@@ -52,11 +52,25 @@ class ChildProcess:
         self.started_at = 0.0
         self.failures = 0
 
-    def spawn(self, argv: Sequence[str], env: dict[str, str]) -> None:
-        """Start the process (stdout/stderr go to the gateway's own)."""
-        self.proc = subprocess.Popen(
-            list(argv), env=env, stdin=subprocess.DEVNULL, start_new_session=True
-        )
+    def spawn(
+        self,
+        argv: Sequence[str],
+        env: dict[str, str],
+        cwd: str | None = None,
+        log_file: str | None = None,
+    ) -> None:
+        """Start the process in ``cwd``; stdout/stderr go to the gateway's own, or to ``log_file``
+        (for a child that may outlive the gateway and its terminal)."""
+        if log_file is None:
+            self.proc = subprocess.Popen(
+                list(argv), env=env, cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        else:
+            with open(log_file, "ab") as out:
+                self.proc = subprocess.Popen(
+                    list(argv), env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                )  # fmt: skip
         self.started_at = time.monotonic()
         log.debug("Started %s (pid %d): %s", self.name, self.proc.pid, " ".join(argv))
 

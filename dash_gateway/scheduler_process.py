@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 import dask
 from distributed import Scheduler
@@ -54,7 +55,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="exit when this process is no longer our parent (default: the parent at start; 0: never)",
     )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=0.0,
+        help="stop after this many seconds with no clients and no tasks (0: never); a backstop "
+        "for a user's cluster whose gateway does not come back",
+    )
     return parser.parse_args(argv)
+
+
+def activity(scheduler: Scheduler) -> dict[str, int]:
+    """How many clients (not Dask's internal fire-and-forget one) and tasks the scheduler has."""
+    clients = [c for c in scheduler.clients if c != "fire-and-forget"]
+    return {"clients": len(clients), "tasks": len(scheduler.tasks)}
+
+
+async def stop_when_idle(scheduler: Scheduler, stop: StopTrigger, idle_timeout: float) -> None:
+    """Set ``stop`` once the scheduler has had no clients and no tasks for ``idle_timeout`` s."""
+    idle_since: float | None = None
+    while not stop.is_set():
+        if any(activity(scheduler).values()):
+            idle_since = None
+        elif idle_since is None:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > idle_timeout:
+            log.info("No clients and no tasks for %.0fs; stopping the scheduler", idle_timeout)
+            stop.event.set()
+            return
+        await asyncio.sleep(min(1.0, idle_timeout / 4))
 
 
 def write_address_file(path: str, address: str) -> None:
@@ -83,6 +112,7 @@ async def run(args: argparse.Namespace) -> int:
         jupyter=False,
     )
     plugin.install(scheduler)  # before it listens, so no worker registers unchecked
+    scheduler.handlers["dash_activity"] = lambda: activity(scheduler)
     await scheduler
     log.info("DASH scheduler listening at %s", scheduler.address)
     if args.address_file:
@@ -90,6 +120,11 @@ async def run(args: argparse.Namespace) -> int:
 
     finished = asyncio.create_task(scheduler.finished())
     stopped = asyncio.create_task(stop.wait())
+    idle = (
+        asyncio.create_task(stop_when_idle(scheduler, stop, args.idle_timeout))
+        if args.idle_timeout > 0
+        else None
+    )
     await asyncio.wait([finished, stopped], return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if not stop.is_set():
@@ -100,8 +135,9 @@ async def run(args: argparse.Namespace) -> int:
         with contextlib.suppress(Exception):
             await scheduler.close(reason="dash-gateway-shutdown")
     stop.close()
-    for task in (finished, stopped):
-        task.cancel()
+    for task in (finished, stopped, idle):
+        if task is not None:
+            task.cancel()
     return code
 
 

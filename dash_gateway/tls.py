@@ -83,10 +83,14 @@ def security_for(role: str, *, ca: str, cert: str, key: str) -> Security:
 
 
 class CertificateAuthority:
-    """A self-signed EC P-256 CA kept in ``<data_dir>/tls`` (created on first use, reused after)."""
+    """A self-signed EC P-256 CA kept in ``<data_dir>/tls`` (created on first use, reused after).
 
-    def __init__(self, directory: str | os.PathLike[str]):
+    ``name`` is the CA's common name when it is created (each user cluster has a CA of its own).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], name: str = "DASH gateway CA"):
         self.directory = Path(directory)
+        self.name = name
         self.cert_path = self.directory / "ca.pem"
         self.key_path = self.directory / "ca-key.pem"
         with self._lock():
@@ -118,7 +122,7 @@ class CertificateAuthority:
         name = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORGANIZATION),
-                x509.NameAttribute(NameOID.COMMON_NAME, "DASH gateway CA"),
+                x509.NameAttribute(NameOID.COMMON_NAME, self.name[:64]),
             ]
         )
         now = _now()
@@ -155,7 +159,7 @@ class CertificateAuthority:
         # Key first: a cert without its key would be taken for a complete CA by the next start.
         write_atomic(self.key_path, _key_pem(key))
         write_atomic(self.cert_path, cert.public_bytes(serialization.Encoding.PEM).decode())
-        log.info("Created the DASH certificate authority in %s", self.directory)
+        log.info("Created the certificate authority %r in %s", self.name, self.directory)
 
     def issue(
         self,
