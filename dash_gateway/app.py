@@ -13,13 +13,14 @@ from distributed.system import MEMORY_LIMIT
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.serverapp import ServerApp
-from traitlets import Enum, Float, Int, Unicode, Union, default, validate
+from traitlets import Bool, Enum, Float, Int, Unicode, Union, default, validate
 
 from dash_gateway.auth import DashIdentityProvider
 from dash_gateway.cluster import ClusterSupervisor
 from dash_gateway.datadir import DataDirInUse, DataDirLock
 from dash_gateway.events import EventsHandler, OverviewHandler
-from dash_gateway.handlers import ClusterHandler, OpenAPIHandler, StatusHandler
+from dash_gateway.handlers import ClusterHandler, OpenAPIHandler, PoolHandler, StatusHandler
+from dash_gateway.leases import Broker, LocalLeaseBackend
 from dash_gateway.machines import (
     AgentCertificateHandler,
     AgentDrainHandler,
@@ -36,6 +37,8 @@ from dash_gateway.overview import OverviewService
 from dash_gateway.pages import page_handlers
 from dash_gateway.registry import MAX_INVITE_LIFETIME, Registry
 from dash_gateway.storage import StorageService, storage_handlers
+from dash_gateway.tenancy import PerUserClusters
+from dash_gateway.user_clusters import UserClusters
 from dash_kernel._version import __version__
 
 _WILDCARD_HOSTS = ("", "0.0.0.0", "*", "localhost")
@@ -133,7 +136,53 @@ class DashGateway(ExtensionApp):
         "approve-workers": "DashGateway.approve_workers",
         "public-url": "DashGateway.public_url",
         "storage-url": "DashGateway.storage_url",
+        "tenancy": "DashGateway.tenancy",
     }
+
+    tenancy = Enum(
+        ["shared", "per-user"],
+        default_value="shared",
+        help="'per-user': every account gets a Dask cluster of its own (a scheduler started "
+        "on first need, stopped when idle, whose TLS identity admits only that account's "
+        "clients and the workers leased to it), on workers leased from the pool (the "
+        "local_workers slots of this host). 'shared': one scheduler for every account, as "
+        "with --scheduler-address (single-tenant: every account can reach every other's "
+        "work). Contributed machines join the shared cluster only, for now.",
+    ).tag(config=True)
+
+    @validate("tenancy")
+    def _validate_tenancy(self, proposal: dict[str, Any]) -> str:
+        if proposal["value"] == "per-user" and self.scheduler_address:
+            raise ValueError(
+                "tenancy='per-user' starts each user's scheduler itself; it cannot be combined "
+                "with --scheduler-address (an existing cluster is the single-tenant mode)"
+            )
+        return proposal["value"]
+
+    cluster_idle_timeout = Float(
+        600.0,
+        help="Seconds a user's cluster (tenancy='per-user') may have no client and no work "
+        "before its scheduler is stopped; the next dk.connect() or session starts it again.",
+    ).tag(config=True)
+
+    lease_idle_timeout = Float(
+        60.0,
+        help="Seconds a leased worker (tenancy='per-user') may hold no task and no result "
+        "before it goes back to the pool.",
+    ).tag(config=True)
+
+    max_leases_per_user = Int(
+        0,
+        help="The most workers one user's cluster may lease from the pool at once "
+        "(tenancy='per-user'; 0: no limit). Work beyond it waits, first come first served.",
+    ).tag(config=True)
+
+    keep_clusters_running = Bool(
+        False,
+        help="Leave users' schedulers running when the gateway exits, for the next gateway on "
+        "this data directory to adopt (tenancy='per-user'); each stops by itself after "
+        "cluster_idle_timeout if none does.",
+    ).tag(config=True)
 
     local_workers = Int(
         help="Dask workers to start on this machine (0: none). Defaults to one per CPU core, "
@@ -307,15 +356,19 @@ class DashGateway(ExtensionApp):
         self._route_module_logs()
         # Before anything reads or writes the registry, the CA or storage.
         self._lock_data_dir()
-        self.cluster = ClusterSupervisor(
-            data_dir=self.data_dir,
-            scheduler_address=self.scheduler_address,
-            scheduler_host=self.scheduler_host,
-            scheduler_port=self.scheduler_port,
-            local_workers=self.local_workers,
-            worker_threads=self.worker_threads,
-            worker_memory_limit=self.memory_limit_bytes(),
-            start_timeout=self.cluster_start_timeout,
+        self.cluster = (
+            self._per_user_clusters()
+            if self.tenancy == "per-user"
+            else ClusterSupervisor(
+                data_dir=self.data_dir,
+                scheduler_address=self.scheduler_address,
+                scheduler_host=self.scheduler_host,
+                scheduler_port=self.scheduler_port,
+                local_workers=self.local_workers,
+                worker_threads=self.worker_threads,
+                worker_memory_limit=self.memory_limit_bytes(),
+                start_timeout=self.cluster_start_timeout,
+            )
         )
         self.registry = Registry(self.data_dir)
         # The scheduler enforces the policy file: make it match the registry from the start.
@@ -333,6 +386,28 @@ class DashGateway(ExtensionApp):
         if self.serverapp is not None:
             configure_lab(self.serverapp)
             encrypt_kernel_transport(self.serverapp)
+
+    def _per_user_clusters(self) -> PerUserClusters:
+        clusters = UserClusters(
+            parent=self,
+            data_dir=self.data_dir,
+            scheduler_host=self.scheduler_host,
+            idle_timeout=self.cluster_idle_timeout,
+            keep_running=self.keep_clusters_running,
+            start_timeout=self.cluster_start_timeout,
+        )
+        broker = Broker(clusters, parent=self, lease_idle_timeout=self.lease_idle_timeout)
+        broker.policy.max_leases_per_user = self.max_leases_per_user
+        broker.backends = [
+            LocalLeaseBackend(
+                clusters.lease_root(),
+                parent=self,
+                workers=self.local_workers,
+                threads=self.worker_threads,
+                memory_limit=self.memory_limit_bytes(),
+            )
+        ]
+        return PerUserClusters(self.data_dir, clusters, broker)
 
     def _lock_data_dir(self) -> None:
         self.data_dir_lock = DataDirLock(self.data_dir)
@@ -354,6 +429,7 @@ class DashGateway(ExtensionApp):
                 (r"/dash/api/openapi.json", OpenAPIHandler),
                 (r"/dash/api/status", StatusHandler, {**cluster, "storage": self.storage}),
                 (r"/dash/api/cluster", ClusterHandler, cluster),
+                (r"/dash/api/pool", PoolHandler, cluster),
                 (r"/dash/api/invites", InvitesHandler, machines),
                 (r"/dash/api/workers", WorkersHandler, machines),
                 (rf"/dash/api/workers/{name}", WorkerHandler, machines),
@@ -414,7 +490,10 @@ class DashGateway(ExtensionApp):
             self.data_dir,
             self.storage.description["location"] if hasattr(self, "storage") else "(none)",
         )
-        self.cluster.start()
+        if isinstance(self.cluster, PerUserClusters):
+            await self.cluster.start()
+        else:
+            self.cluster.start()
         self.storage.start()
         if self.storage_gc_interval > 0:
             self._storage_gc = asyncio.create_task(self._collect_garbage_periodically())

@@ -16,7 +16,9 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from tornado import web
 
+from dash_gateway.auth import is_operator, username
 from dash_gateway.cluster import ClusterSupervisor
+from dash_gateway.tenancy import PerUserClusters
 from dash_kernel._version import __version__
 
 if TYPE_CHECKING:
@@ -194,6 +196,9 @@ class ClusterHandler(DashAPIHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
+        if isinstance(self.cluster, PerUserClusters):
+            await self._own_cluster()
+            return
         address = await self.cluster.wait_for_scheduler(SCHEDULER_WAIT)
         if not address:
             raise web.HTTPError(503, "the DASH scheduler is not running yet; try again shortly")
@@ -203,6 +208,43 @@ class ClusterHandler(DashAPIHandler):
         self.set_header("Cache-Control", "no-store")
         self.write_json(
             {"scheduler": address, "tls": {"ca": creds.ca, "cert": creds.cert, "key": creds.key}}
+        )
+
+    async def _own_cluster(self) -> None:
+        assert isinstance(self.cluster, PerUserClusters)
+        name = username(self)
+        try:
+            access = await self.cluster.access(name)
+        except RuntimeError as exc:
+            raise http_error(503, f"your cluster did not start: {exc}; try again shortly") from None
+        creds = access.credentials
+        self.set_header("Cache-Control", "no-store")
+        self.write_json(
+            {
+                "scheduler": access.address,
+                "tls": {"ca": creds.ca, "cert": creds.cert, "key": creds.key},
+                "tenancy": "per-user",
+                "pool": self.cluster.pool(name),
+            }
+        )
+
+
+class PoolHandler(DashAPIHandler):
+    """``GET /dash/api/pool``: the pool's slots (whether each is free, the caller's or
+    another user's) and the caller's leases (every lease, for the operator)."""
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        if not isinstance(self.cluster, PerUserClusters):
+            raise http_error(404, "this gateway runs one shared cluster: it has no pool of leases")
+        name = username(self)
+        mine = None if is_operator(self) else name
+        self.write_json(
+            {
+                "pool": self.cluster.pool(name),
+                "leases": [lease.to_json() for lease in self.cluster.broker.leases(mine)],
+            }
         )
 
 

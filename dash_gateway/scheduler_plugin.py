@@ -14,9 +14,10 @@ Loaded by :mod:`dash_gateway.scheduler_process`, never by the gateway itself. It
 Sessions on a draining machine are told so, on their own event topic, so that their
 notebooks move them (checkpoint and restore) and the drain can end.
 
-It also answers ``dash_workers``: plain data about each worker for the gateway, and
+It also answers ``dash_workers``: plain data about each worker for the gateway,
 ``dash_work``: each user's remote sessions and other work, the user being the name in the
-client certificate (``OU=client, CN=<user>``) of the client that submitted it.
+client certificate (``OU=client, CN=<user>``) of the client that submitted it, and
+``dash_demand``: what the work waits for, which the gateway's broker leases workers for.
 """
 
 from __future__ import annotations
@@ -117,6 +118,10 @@ class DashSchedulerPlugin(SchedulerPlugin):
         # worker name -> task prefix -> {"name", "done", "erred", "last"}, oldest first
         self._ran: dict[str, dict[str, dict[str, Any]]] = {}
         self._asked_to_move: set[str] = set()  # session task keys told their machine drains
+        self._idle_since: dict[str, float] = {}  # worker address -> when it last had work
+        self._joined: dict[str, float] = {}  # worker address -> when it registered
+        # The gateway's pool as this cluster's user may see it; None: not a leasing cluster.
+        self.pool: list[dict[str, Any]] | None = None
 
     def install(self, scheduler: Any) -> None:
         """Take over worker registration; call before the scheduler listens."""
@@ -127,6 +132,9 @@ class DashSchedulerPlugin(SchedulerPlugin):
         scheduler.handlers["register-worker"] = self._register_worker
         scheduler.handlers["dash_workers"] = self.dash_workers
         scheduler.handlers["dash_work"] = self.dash_work
+        scheduler.handlers["dash_demand"] = self.dash_demand
+        scheduler.handlers["dash_pool"] = self.dash_pool
+        scheduler.handlers["dash_set_pool"] = self.dash_set_pool
 
     async def start(self, scheduler: Any) -> None:
         self.install(scheduler)
@@ -155,9 +163,12 @@ class DashSchedulerPlugin(SchedulerPlugin):
 
     def add_worker(self, scheduler: Any, worker: str) -> None:
         self._names[worker] = str(scheduler.workers[worker].name)
+        self._joined[worker] = time()
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
         name = self._names.pop(worker, None)
+        self._idle_since.pop(worker, None)
+        self._joined.pop(worker, None)
         if name is not None:
             self.identities.pop(name, None)
             self._held.discard(name)
@@ -343,6 +354,63 @@ class DashSchedulerPlugin(SchedulerPlugin):
             "state": state,
             "started": self._session_started.get(key) if ws is not None else None,
         }
+
+    def dash_demand(self, comm: Any = None) -> dict[str, Any]:
+        """What this cluster's work asks of the pool, for the gateway's broker.
+
+        ``pending``: tasks that wait for a worker (Dask's ``no-worker`` and ``queued``, and
+        those assigned to a worker beyond its threads), counted by the resources they need.
+        ``workers``: each worker's name, running task count, whether it holds results, and
+        how long it has had nothing to do, so that idle leases can be released.
+        """
+        peer = peer_identity(comm) if comm is not None else None
+        if comm is not None and (peer is None or (peer.role, peer.name) != GATEWAY_PEER):
+            raise PermissionError("dash_demand answers only the DASH gateway")
+        now = time()
+        pending: dict[tuple[tuple[str, float], ...], dict[str, Any]] = {}
+
+        def need(ts: Any) -> None:
+            resources = placement_restrictions(ts.resource_restrictions)
+            group = tuple(sorted(resources.items()))
+            row = pending.setdefault(group, {"resources": resources, "count": 0})
+            row["count"] += 1
+
+        for ts in self.scheduler.unrunnable:
+            need(ts)
+        for ts in self.scheduler.queued:
+            need(ts)
+        workers = []
+        for ws in self.scheduler.workers.values():
+            beyond = len(ws.processing) - ws.nthreads
+            if beyond > 0:
+                for ts in sorted(ws.processing, key=lambda t: t.priority)[-beyond:]:
+                    need(ts)
+            busy = bool(ws.processing or ws.has_what)
+            if busy:
+                self._idle_since.pop(ws.address, None)
+            idle_since = None if busy else self._idle_since.setdefault(ws.address, now)
+            workers.append(
+                {
+                    "name": str(ws.name),
+                    "processing": len(ws.processing),
+                    "holds_data": bool(ws.has_what),
+                    "idle_for": 0.0 if idle_since is None else now - idle_since,
+                    "joined": self._joined.get(ws.address),
+                }
+            )
+        return {"pending": list(pending.values()), "workers": workers}
+
+    def dash_set_pool(self, comm: Any = None, pool: Any = None) -> None:
+        """The broker's word on the pool: its slots, each free, this user's or another's."""
+        peer = peer_identity(comm) if comm is not None else None
+        if comm is not None and (peer is None or (peer.role, peer.name) != GATEWAY_PEER):
+            raise PermissionError("only the DASH gateway tells a cluster about its pool")
+        self.pool = [dict(row) for row in pool or () if isinstance(row, dict)]
+
+    def dash_pool(self) -> list[dict[str, Any]] | None:
+        """The pool this cluster leases its workers from (None if it leases none): what work
+        may ask for, and why it waits."""
+        return self.pool
 
     def dash_workers(self) -> list[dict[str, Any]]:
         """Plain data about every worker (no pickles), for the gateway."""

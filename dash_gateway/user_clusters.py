@@ -395,6 +395,15 @@ class UserClusters(LoggingConfigurable):
             raise ValueError(f"run_root {root} must not be inside the data directory")
         return root
 
+    def lease_root(self) -> Path:
+        """Where lease workers' working directories are made, beside the clusters' own (a
+        cluster id always ends in a hash, so none is called ``leases``)."""
+        root = self._run_root()
+        if not self.run_root:
+            _private_dir(root.parent)
+        _private_dir(root / "leases")
+        return root / "leases"
+
     def _fresh_run_dir(self, cid: str) -> Path:
         root = self._run_root()
         if not self.run_root:

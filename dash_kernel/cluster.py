@@ -27,7 +27,13 @@ from distributed.worker_state_machine import PROCESSING
 from .errors import GatewayError, NoWorkersError
 from .output import OutputRouter
 from .plugin import DashWorkerPlugin, WorkerDeathPlugin
-from .resources import ResourceSpec, check_satisfiable, describe_wait, worker_resources
+from .resources import (
+    ResourceSpec,
+    check_satisfiable,
+    describe_pool_wait,
+    describe_wait,
+    worker_resources,
+)
 
 __all__ = [
     "Connection",
@@ -126,6 +132,10 @@ class Connection:
         self._workers: list[tuple[str, dict[str, float]]] = []
         self._workers_at = 0.0
         self._plugin_answers = True
+        # A per-user cluster leases workers from the gateway's pool when work asks for them:
+        # what could run is the pool's to say (its scheduler knows), not the workers now.
+        self._pool: list[dict[str, Any]] | None = None
+        self._pool_at = 0.0
         client.register_plugin(DashWorkerPlugin(), name=DashWorkerPlugin.name)
         client.subscribe_topic(self.topic, self.router.handle)
 
@@ -192,11 +202,50 @@ class Connection:
             self._workers_at = time.monotonic()
         return self._workers
 
-    def ensure_satisfiable(self, spec: ResourceSpec) -> None:
-        """Fail now, with what the cluster has, if no worker could ever run ``spec``.
+    def pool_rows(self, *, fresh: bool = False) -> list[dict[str, Any]] | None:
+        """The slots of the gateway's pool this cluster leases its workers from, each with
+        ``name``, ``resources`` and ``leased`` (None, ``"you"`` or ``"other"``), cached for
+        2 s; None when it leases none (a shared or embedded cluster)."""
+        if self.mode == "embedded" or not self._plugin_answers or self._pool_at < 0:
+            return None
+        if fresh or time.monotonic() - self._pool_at > _WORKER_INFO_TTL:
+            try:
+                rows = self.client.sync(self.client.scheduler.dash_pool)
+            except Exception:
+                log.debug("the scheduler does not say what pool it leases from", exc_info=True)
+                rows = None
+            self._pool = list(rows) if isinstance(rows, (list, tuple)) else None
+            # A cluster that leases from no pool never starts to: do not ask it again.
+            self._pool_at = time.monotonic() if self._pool is not None else -1.0
+        return self._pool
 
-        With no worker connected at all, wait up to ``worker_wait`` seconds for one first.
+    def pool(self, *, fresh: bool = False) -> list[tuple[str, dict[str, float]]] | None:
+        """``(slot, resources)`` of each slot of the pool; None as for :meth:`pool_rows`."""
+        rows = self.pool_rows(fresh=fresh)
+        if rows is None:
+            return None
+        return [(str(row.get("name")), dict(row.get("resources") or {})) for row in rows]
+
+    def ensure_satisfiable(self, spec: ResourceSpec) -> None:
+        """Fail now, with what the cluster (or the pool it leases from) has, if no worker
+        could ever run ``spec``.
+
+        With no worker connected at all (and no pool), wait up to ``worker_wait`` seconds
+        for one first.
         """
+        slots = self.pool()
+        if slots is not None:
+            if not slots:
+                raise NoWorkersError(
+                    "the gateway's pool has no capacity: no machine offers workers (start the "
+                    "gateway with --local-workers, or have a machine join)"
+                )
+            try:
+                check_satisfiable(spec, slots, pool=True)
+            except Exception:
+                # a machine that has just joined may be the one that fits
+                check_satisfiable(spec, self.pool(fresh=True) or [], pool=True)
+            return
         if not self.workers():
             try:
                 self.client.wait_for_workers(1, timeout=self.worker_wait)
@@ -219,6 +268,13 @@ class Connection:
         keys = list(keys)[:QUEUE_PROBE_KEYS]
         try:
             views = self.client.run(_worker_view, keys)
+            slots = self.pool_rows()
+            if slots is not None:
+                reason = describe_pool_wait(spec, slots)
+                if _running(views):
+                    return None
+                if reason != "":
+                    return reason
             rows = self._scheduler_rows() or [view["row"] for view in views.values()]
             return _describe_queue(spec, rows, views)
         except Exception:
@@ -310,7 +366,11 @@ def _connect_gateway(url: str, token: str | None, timeout: float, worker_wait: f
     with _version_note():
         client = Client(info["scheduler"], security=security, timeout=timeout)
     return Connection(
-        client, security=security, gateway_url=url, token=token, worker_wait=worker_wait
+        client,
+        security=security,
+        gateway_url=url,
+        token=token,
+        worker_wait=worker_wait,
     )
 
 
@@ -394,15 +454,23 @@ def _worker_view(keys: list[str], dask_worker: Any = None) -> dict[str, Any]:
     return {"row": row, "states": _task_states(keys, dask_worker)}
 
 
+def _running(views: Mapping[str, dict[str, Any]]) -> bool:
+    return any(
+        state in ("executing", "long-running")
+        for view in views.values()
+        for state in view["states"].values()
+    )
+
+
 def _describe_queue(
     spec: ResourceSpec, rows: list[dict[str, Any]], views: Mapping[str, dict[str, Any]]
 ) -> str | None:
+    if _running(views):
+        return None
     names = {row["address"]: row["name"] for row in rows}
     waiting_on: dict[str, int] = {}
     for address, view in views.items():
         by_key = view["states"]
-        if any(state in ("executing", "long-running") for state in by_key.values()):
-            return None
         waiting_on[names.get(address, address)] = len(by_key)
     return describe_wait(spec, rows, waiting_on)
 

@@ -146,9 +146,7 @@ class DashKernel(IPythonKernel):
             conn, self.session_spec, asyncio.get_running_loop(), notebook=self.notebook
         )
         try:
-            await remote.start(
-                on_queued=lambda why: self._say(f"DASH: the session is {why}.\n")
-            )
+            await remote.start(on_queued=lambda why: self._say(f"DASH: the session is {why}.\n"))
         except BaseException:
             # Not kept as the session: with no pump, a cell sent to it would wait forever.
             remote.close()

@@ -336,12 +336,16 @@ def _deficit(need: Mapping[str, float], have: Mapping[str, float]) -> float:
 
 
 def check_satisfiable(
-    spec: ResourceSpec, workers: Iterable[tuple[str, Mapping[str, float]]]
+    spec: ResourceSpec,
+    workers: Iterable[tuple[str, Mapping[str, float]]],
+    *,
+    pool: bool = False,
 ) -> None:
     """Raise :class:`ResourceUnavailable` if no worker's total resources meet ``spec``.
 
-    ``workers`` yields ``(name, declared resources)``. The message names the closest worker
-    (fewest unmet resources) and what it has, so the user knows what the cluster offers.
+    ``workers`` yields ``(name, declared resources)``: connected workers, or with ``pool``
+    the slots of the gateway's pool, which workers are leased from. The message names the
+    closest one (fewest unmet resources) and what it has, so the user knows what there is.
     """
     candidates = list(workers)
     need = _need(spec, (have for _, have in candidates))
@@ -356,6 +360,12 @@ def check_satisfiable(
         return
     _, _, name, have = scored[0]
     missing = "; ".join(_explain(key, need[key], have) for key in _shortfall(need, have))
+    if pool:
+        raise ResourceUnavailable(
+            f"no machine in the pool could ever run work that needs {spec}. "
+            f"The closest is {name} ({format_resources(have)}): {missing}. "
+            f"The pool has {len(candidates)} slot(s)."
+        )
     raise ResourceUnavailable(
         f"no worker can ever run work that needs {spec}. "
         f"Closest worker: {name} ({format_resources(have)}): {missing}. "
@@ -386,6 +396,33 @@ def _need(spec: ResourceSpec, declared: Iterable[Mapping[str, float]]) -> dict[s
         # A DASH cluster: work without a GPU goes to CPU workers only.
         need = placement_restrictions(need)
     return need
+
+
+def describe_pool_wait(spec: ResourceSpec, slots: Iterable[Mapping[str, Any]]) -> str | None:
+    """Why work needing ``spec`` waits in a cluster that leases its workers from a pool:
+    because every slot that fits is leased to other users' work. None if a fitting slot is
+    free or being leased to this user now (a worker is on its way), or none ever could fit;
+    ``""`` if this user's own workers that fit are all running (ask :func:`describe_wait`).
+
+    ``slots`` are the pool's rows: ``name``, ``resources``, ``leased`` (None, ``"you"`` or
+    ``"other"``; never whom) and ``starting``.
+    """
+    rows = list(slots)
+    need = _need(spec, (row.get("resources") or {} for row in rows))
+    fits = [row for row in rows if not _shortfall(need, row.get("resources") or {})]
+    if not fits or any(row.get("leased") is None or row.get("starting") for row in fits):
+        return None
+    if any(row.get("leased") == "you" for row in fits):
+        return ""
+    what = "a GPU" if is_gpu_work(need) else "a worker"
+    if len(fits) == 1:
+        row = fits[0]
+        described = format_resources(row.get("resources") or {})
+        return (
+            f"waiting for {what}: the pool's one {row['name']} ({described}) is leased to "
+            "another user's work"
+        )
+    return f"waiting for {what}: all {len(fits)} slots of the pool that can run it are leased to other users' work"
 
 
 def describe_wait(

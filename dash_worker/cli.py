@@ -43,6 +43,9 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--name-prefix", default="worker", help="workers are named PREFIX-0, PREFIX-1, ..."
     )
+    parser.add_argument(
+        "--name", default=None, help="the name of the one worker (with --nworkers 1; a lease)"
+    )
     parser.add_argument("--host", default=None, help="interface the workers listen on")
     parser.add_argument("--local-directory", default=None, help="scratch directory for workers")
     parser.add_argument(

@@ -71,12 +71,14 @@ def build_nanny(
 
 def make_nannies(args: argparse.Namespace) -> list[Nanny]:
     """One nanny per worker, each declaring its threads and memory as DASH resources."""
+    if args.name and args.nworkers != 1:
+        raise SystemExit("dash-worker serve: --name names one worker; use it with --nworkers 1")
     memory_limit = parse_memory_limit(args.memory_limit, args.nthreads, logger=log)
     security = worker_security(args.tls_ca, args.tls_cert, args.tls_key)
     return [
         build_nanny(
             args.scheduler,
-            name=f"{args.name_prefix}-{i}",
+            name=args.name or f"{args.name_prefix}-{i}",
             nthreads=args.nthreads,
             memory_limit=memory_limit,
             resources=worker_resources(args.nthreads, memory_limit),

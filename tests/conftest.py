@@ -309,6 +309,27 @@ def bare_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         gw.stop()
 
 
+# A per-user gateway's pool: enough local slots for two users' sessions and fan-out.
+TENANT_SLOTS = 4
+
+
+@pytest.fixture(scope="module")
+def tenant_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway with a cluster per user on workers leased from its local slots, one per
+    test module; leases idle for 3 s go back to the pool."""
+    gw = launch_gateway(
+        tmp_path_factory.mktemp("tenant-gateway"),
+        local_workers=TENANT_SLOTS,
+        worker_memory_limit="768MB",
+        extra=["--tenancy=per-user", "--DashGateway.lease_idle_timeout=3"],
+    )
+    try:
+        gw.wait_for_workers(0)
+        yield gw
+    finally:
+        gw.stop()
+
+
 @pytest.fixture
 def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     """Start extra gateways for a test (e.g. to stop them); whatever is left is stopped after."""
