@@ -41,6 +41,7 @@ IDS = (
     "startup",
     "join",
     "gpu_slots",
+    "lease",
 )
 
 MiB = 1 << 20
@@ -141,7 +142,17 @@ def _round(value: Any) -> Any:
 
 def all_benchmarks() -> list[Benchmark]:
     """Every comparison, in report order."""
-    from . import checkpoints, contributed, fanout, frames, kernel, magic, storage, transfer
+    from . import (
+        checkpoints,
+        contributed,
+        fanout,
+        frames,
+        kernel,
+        magic,
+        storage,
+        tenancy,
+        transfer,
+    )
 
     found = [
         kernel.CELL_ROUNDTRIP,
@@ -155,6 +166,7 @@ def all_benchmarks() -> list[Benchmark]:
         kernel.STARTUP,
         contributed.JOIN,
         contributed.GPU_SLOTS,
+        tenancy.LEASE,
     ]
     assert tuple(b.id for b in found) == IDS
     return found

@@ -177,6 +177,17 @@ class DashGateway(ExtensionApp):
         "(tenancy='per-user'; 0: no limit). Work beyond it waits, first come first served.",
     ).tag(config=True)
 
+    local_sessions = Int(
+        help="Remote sessions this host runs at once for users' clusters (tenancy='per-user'), "
+        "each in a worker of its own that holds none of the local workers' cores, so that a "
+        "notebook's session never takes the thread its own dk.map needs. Default: 4 per "
+        "local worker."
+    ).tag(config=True)
+
+    @default("local_sessions")
+    def _default_local_sessions(self) -> int:
+        return 4 * self.local_workers
+
     keep_clusters_running = Bool(
         False,
         help="Leave users' schedulers running when the gateway exits, for the next gateway on "
@@ -405,6 +416,7 @@ class DashGateway(ExtensionApp):
                 workers=self.local_workers,
                 threads=self.worker_threads,
                 memory_limit=self.memory_limit_bytes(),
+                sessions=self.local_sessions,
             )
         ]
         return PerUserClusters(self.data_dir, clusters, broker)

@@ -39,7 +39,7 @@ from dash_gateway.cluster import ChildProcess
 from dash_gateway.policy import LOCAL_MACHINE
 from dash_gateway.scheduler_rpc import call_scheduler
 from dash_gateway.user_clusters import UserClusters, scheduler_environment
-from dash_kernel.resources import format_resources, worker_resources
+from dash_kernel.resources import format_resources, session_worker_resources, worker_resources
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,13 @@ class Slot:
     nthreads: int
     memory_limit: int | None
     resources: Mapping[str, float]
+    kind: str = "worker"  # or "session": one remote session's worker, holding no core
 
     @property
     def key(self) -> str:
-        return f"{self.machine}/{self.index}"
+        if self.kind == "worker":
+            return f"{self.machine}/{self.index}"
+        return f"{self.machine}/{self.kind}-{self.index}"
 
     def fits(self, need: Mapping[str, float]) -> bool:
         """Could a worker on this slot run a task restricted to ``need`` (Dask's rule)?"""
@@ -145,6 +148,11 @@ class LocalLeaseBackend(LeaseBackend):
     memory_limit = Int(0, help="Memory limit of each local lease worker in bytes (0: none).").tag(
         config=True
     )
+    sessions = Int(
+        0,
+        help="Session slots on this host: each a worker for one remote session, which holds "
+        "none of the workers' cores (an idle session needs memory, not a core).",
+    ).tag(config=True)
 
     def __init__(self, run_root: Path, **kwargs: Any):
         super().__init__(**kwargs)
@@ -154,9 +162,14 @@ class LocalLeaseBackend(LeaseBackend):
     def slots(self) -> list[Slot]:
         memory = self.memory_limit or None
         resources = worker_resources(self.threads, memory)
-        return [
+        slots = [
             Slot(LOCAL_MACHINE, i, self.threads, memory, resources) for i in range(self.workers)
         ]
+        session = session_worker_resources(memory)
+        slots += [
+            Slot(LOCAL_MACHINE, i, 1, memory, session, kind="session") for i in range(self.sessions)
+        ]
+        return slots
 
     async def start(self, lease: Lease, clusters: UserClusters) -> None:
         run_dir = self.run_root / lease.id
@@ -179,6 +192,8 @@ class LocalLeaseBackend(LeaseBackend):
         ]  # fmt: skip
         if host:
             argv += ["--host", host]
+        if lease.slot.kind == "session":
+            argv.append("--session-worker")
         process = ChildProcess(f"lease {lease.id} ({lease.user})")
         process.spawn(argv, scheduler_environment(run_dir), cwd=str(run_dir))
         self._processes[lease.id] = process

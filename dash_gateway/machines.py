@@ -539,6 +539,13 @@ class AgentCertificateHandler(_MachineHandler):
         if not isinstance(csr, str) or not csr.strip():
             raise http_error(400, "the body needs 'csr': a PEM certificate signing request")
         ca_pem = self.ca_pem()
+        if getattr(self.cluster, "tenancy", "shared") == "per-user":
+            raise http_error(
+                503,
+                "this gateway gives every user a cluster of their own (tenancy='per-user'), "
+                "which contributed machines cannot serve yet; the gateway's operator can run "
+                "it with --tenancy shared",
+            )
         address = await self.cluster.wait_for_scheduler(SCHEDULER_WAIT)
         if not address:
             raise http_error(503, "the DASH scheduler is not running yet; try again shortly")

@@ -28,6 +28,7 @@ from .errors import GatewayError, NoWorkersError
 from .output import OutputRouter
 from .plugin import DashWorkerPlugin, WorkerDeathPlugin
 from .resources import (
+    SESSION_POOL,
     ResourceSpec,
     check_satisfiable,
     describe_pool_wait,
@@ -220,11 +221,16 @@ class Connection:
         return self._pool
 
     def pool(self, *, fresh: bool = False) -> list[tuple[str, dict[str, float]]] | None:
-        """``(slot, resources)`` of each slot of the pool; None as for :meth:`pool_rows`."""
+        """``(slot, resources)`` of each slot of the pool that work may ask for (not the
+        session workers); None as for :meth:`pool_rows`."""
         rows = self.pool_rows(fresh=fresh)
         if rows is None:
             return None
-        return [(str(row.get("name")), dict(row.get("resources") or {})) for row in rows]
+        return [
+            (str(row.get("name")), dict(row.get("resources") or {}))
+            for row in rows
+            if SESSION_POOL not in (row.get("resources") or {})
+        ]
 
     def ensure_satisfiable(self, spec: ResourceSpec) -> None:
         """Fail now, with what the cluster (or the pool it leases from) has, if no worker

@@ -62,6 +62,9 @@ GPU_POOL = "pool:gpu"
 # budget would deadlock a task that waits on its own subtasks, as Dask keeps a seceded task's
 # resources.
 POOL_CAPACITY = 1_000_000
+# A session worker (a lease of its own for one remote session, holding no core of the work's
+# slots) declares this, one; a CPU session of a per-user cluster asks for it.
+SESSION_POOL = "pool:session"
 _VENDOR_WORDS = {"nvidia", "amd", "intel", "corporation"}
 SPEC_KEYS = ("gpu", "cpu", "memory", "vram")
 _SIZES = "'16GB' or '512MiB'"
@@ -297,12 +300,24 @@ def is_gpu_work(resources: Mapping[str, float] | None) -> bool:
     return any(k in (GPU, VRAM) or k.startswith(MODEL_PREFIX) for k in resources or ())
 
 
+def session_worker_resources(memory_limit: int | None) -> dict[str, float]:
+    """What a session worker declares: one session (``pool:session``) and its memory, and no
+    ``pool:cpu``, so that only a session lands there."""
+    out: dict[str, float] = {SESSION_POOL: 1, CPU: 1}
+    if memory_limit:
+        out[MEMORY] = int(memory_limit)
+    return out
+
+
 def placement_restrictions(resources: Mapping[str, float] | None) -> dict[str, float]:
-    """The restrictions the DASH scheduler places work by: work that asks for no GPU on a
+    """The restrictions the DASH scheduler places work by: a session that asks for a session
+    worker (``pool:session``) as asked; work that asks for no GPU on a
     CPU worker (``pool:cpu``), so it never takes a GPU worker's slot; work that asks for
     one GPU, a model or VRAM on a one-GPU worker (``pool:gpu``), so it never holds all the
     GPUs of a multi-GPU worker; work that asks for two or more GPUs as asked."""
     out = dict(resources or {})
+    if SESSION_POOL in out:
+        return out
     if not is_gpu_work(out):
         out[CPU_POOL] = out.get(CPU_POOL, 1)
     elif out.get(GPU, 0) < 2:

@@ -31,7 +31,7 @@ from jupyter_client.jsonutil import json_default
 
 from .cluster import QUEUE_NOTICE_AFTER, Connection
 from .errors import DashError
-from .resources import ResourceSpec, format_resources
+from .resources import SESSION_POOL, ResourceSpec, format_resources
 from .tasks import Tracked
 
 __all__ = ["PLUGIN_NAME", "RemoteSession", "SessionEvents", "SessionLost", "host_session"]
@@ -129,6 +129,18 @@ class RemoteSession:
             self._closed.set()
         self.loop.call_soon_threadsafe(self.events.put_nowait, event[1])
 
+    def _resources(self) -> dict[str, float] | None:
+        """What the session task holds: what its spec asks for; a CPU session asking for
+        nothing more takes a session worker of its own where the pool offers them, so that
+        it never holds a thread its notebook's fan-out needs."""
+        resources = self.spec.to_dask()
+        if resources:
+            return resources
+        rows = self.conn.pool_rows() or ()
+        if any(SESSION_POOL in (row.get("resources") or {}) for row in rows):
+            return {SESSION_POOL: 1}
+        return None
+
     async def start(
         self, timeout: float = START_TIMEOUT, on_queued: Callable[[str], None] | None = None
     ) -> dict[str, Any]:
@@ -146,7 +158,7 @@ class RemoteSession:
                 self.conn.client_environment(),
                 self.spec.memory,
                 key=f"dash-session-{self.id}",
-                resources=self.spec.to_dask() or None,
+                resources=self._resources(),
                 pure=False,
             )
         deadline = time.monotonic() + timeout

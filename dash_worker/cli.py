@@ -46,6 +46,11 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--name", default=None, help="the name of the one worker (with --nworkers 1; a lease)"
     )
+    parser.add_argument(
+        "--session-worker",
+        action="store_true",
+        help="declare a session worker: it takes one remote session and no other work",
+    )
     parser.add_argument("--host", default=None, help="interface the workers listen on")
     parser.add_argument("--local-directory", default=None, help="scratch directory for workers")
     parser.add_argument(

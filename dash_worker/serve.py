@@ -14,7 +14,7 @@ from distributed.security import Security
 from distributed.worker_memory import parse_memory_limit
 
 from dash_kernel.lifecycle import StopTrigger, arm_hard_exit
-from dash_kernel.resources import worker_resources
+from dash_kernel.resources import session_worker_resources, worker_resources
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,11 @@ def make_nannies(args: argparse.Namespace) -> list[Nanny]:
             name=args.name or f"{args.name_prefix}-{i}",
             nthreads=args.nthreads,
             memory_limit=memory_limit,
-            resources=worker_resources(args.nthreads, memory_limit),
+            resources=(
+                session_worker_resources(memory_limit)
+                if args.session_worker
+                else worker_resources(args.nthreads, memory_limit)
+            ),
             security=security,
             host=args.host,
             local_directory=args.local_directory,

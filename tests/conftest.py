@@ -309,8 +309,8 @@ def bare_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         gw.stop()
 
 
-# A per-user gateway's pool: enough local slots for two users' sessions and fan-out.
-TENANT_SLOTS = 4
+# A per-user gateway's pool: two local worker slots (and 8 session slots) for two users.
+TENANT_SLOTS = 2
 
 
 @pytest.fixture(scope="module")

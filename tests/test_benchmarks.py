@@ -23,8 +23,9 @@ IDS = {
     "startup",
     "join",
     "gpu_slots",
+    "lease",
 }
-SELECTED = {"magic_roundtrip", "fanout", "join", "gpu_slots"}
+SELECTED = {"magic_roundtrip", "fanout", "join", "gpu_slots", "lease"}
 KEYS = {"id", "what", "dash", "baseline", "baseline_name", "unit", "ratio", "n"}
 
 

@@ -217,7 +217,9 @@ def test_a_user_sees_the_pool_but_only_their_own_leases(
     )
     code, alices = tenant_gateway.request("dash/api/pool", token=accounts["alice"])
     assert code == 200
-    assert len(alices["pool"]) == 4
+    workers = [s for s in alices["pool"] if "pool:session" not in s["resources"]]
+    sessions = [s for s in alices["pool"] if "pool:session" in s["resources"]]
+    assert len(workers) == 2 and len(sessions) == 8
     assert all(x["user"] == "alice" for x in alices["leases"])
     assert "other" in {slot["leased"] for slot in alices["pool"]}
     assert "bob" not in repr(alices)
@@ -252,6 +254,12 @@ def test_two_users_dash_kernels_run_side_by_side(
         for user, kernel in kernels.items():
             done = kernel.execute(f"who = {user!r}\nimport os\nprint(os.getpid())", timeout=120)
             assert done.status == "ok", done.traceback_text()
+        # Each session is a lease of its own, on a session worker: the two worker slots
+        # stay free for the notebooks' fan-out.
+        held = leases(tenant_gateway)
+        for user in kernels:
+            mine = [x for x in held if x["user"] == user]
+            assert [x["resources"].get("pool:session") for x in mine] == [1], held
         for user, kernel in kernels.items():
             done = kernel.execute(
                 "import dash_kernel as dk\n"
