@@ -71,6 +71,9 @@ class KernelDriver:
         self.client = self.manager.client()
         self.client.start_channels()
         self.client.wait_for_ready(timeout=60)
+        # iopub messages of an earlier request that arrived while a later one ran (output
+        # after its cell's idle): none should ever be here.
+        self.strays: list[dict[str, Any]] = []
 
     def execute(
         self, code: str, timeout: float = 60, *, on_message=None, stdin: str | None = None
@@ -98,6 +101,8 @@ class KernelDriver:
             except queue.Empty:
                 continue
             if msg["parent_header"].get("msg_id") != msg_id:
+                if msg["msg_type"] != "status" and msg["parent_header"]:
+                    self.strays.append(msg)
                 continue
             if msg["msg_type"] == "status":
                 idle = msg["content"]["execution_state"] == "idle"

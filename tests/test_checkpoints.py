@@ -117,9 +117,7 @@ def test_with_checkpoints_off_a_lost_session_says_its_variables_are_gone(kernel)
     assert on.status == "ok" and "Checkpointed " in on.stream()
 
 
-def test_a_new_kernel_lists_and_restores_an_earlier_kernels_checkpoint(
-    gateway, tmp_path
-):
+def test_a_new_kernel_lists_and_restores_an_earlier_kernels_checkpoint(gateway, tmp_path):
     env = dict(gateway.env, JPY_SESSION_NAME=str(tmp_path / "render.ipynb"))
     with KernelDriver(kernel_name="dash", env=env, cwd=str(tmp_path)) as first:
         assert first.execute(NAMESPACE, timeout=120).status == "ok"

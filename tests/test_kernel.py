@@ -236,9 +236,7 @@ def test_restart_gives_a_fresh_session_and_ends_the_old_one(gateway, tmp_path):
     dk.disconnect()
 
 
-def test_the_quickstart_notebook_runs_on_the_dash_kernel(
-    gateway, tmp_path, monkeypatch
-):
+def test_the_quickstart_notebook_runs_on_the_dash_kernel(gateway, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
@@ -308,9 +306,7 @@ def test_push_pull_and_use_move_variables_and_name_what_cannot_move(dash):
     assert dash.execute("print(remote_dict)").stream() == "{'a': 1}\n"  # the session stayed
 
 
-def test_a_worker_dying_under_a_session_is_reported_and_its_checkpoint_restored(
-    gateway, tmp_path
-):
+def test_a_worker_dying_under_a_session_is_reported_and_its_checkpoint_restored(gateway, tmp_path):
     with KernelDriver(kernel_name="dash", env=gateway.env, cwd=str(tmp_path)) as kernel:
         kernel.execute("import os, time\nstate = 'kept by the checkpoint'", timeout=120)
         remote_kernel = psutil.Process(_remote_pid(kernel))

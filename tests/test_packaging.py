@@ -101,7 +101,9 @@ def test_this_install_is_visible_to_every_jupyter_tool() -> None:
     specs = json.loads(_jupyter("kernelspec", "list", "--json"))["kernelspecs"]
     assert specs["dash"]["spec"]["display_name"] == "DASH distributed"
     assert re.search(r"dash_gateway\s+\S*enabled", _jupyter("server", "extension", "list"))
-    assert re.search(r"dash-distributed-jupyterlab v\S+\s+\S*enabled", _jupyter("labextension", "list"))
+    assert re.search(
+        r"dash-distributed-jupyterlab v\S+\s+\S*enabled", _jupyter("labextension", "list")
+    )
 
 
 def test_dash_itself_is_never_shipped_as_user_code() -> None:

@@ -331,3 +331,68 @@ def test_the_queued_notice_speaks_about_the_pool() -> None:
     assert describe_pool_wait(spec, [row("m/0", gpu, "you", starting=True)]) is None
     # The user's own running worker: the workers' own view says why (busy with what).
     assert describe_pool_wait(spec, [row("m/0", gpu, "you")]) == ""
+
+
+STRESS_KERNELS, STRESS_CELLS = 8, 20
+
+
+def _stress_cell(tag: str, i: int) -> tuple[str, str]:
+    """Cell ``i`` of kernel ``tag``, and exactly what it prints."""
+    if i % 5 == 4:
+        expected = sum(j * j + i for j in range(50))
+        code = f"print({tag!r}, {i}, sum(dk.map(lambda j: j * j + {i}, range(50))))"
+    elif i % 2:
+        total = sum(range(i * 1000))
+        code = f"acc = sum(range({i} * 1000))\nprint({tag!r}, {i}, acc)"
+        expected = total
+    else:
+        # State kept in the session: the even cells before this one that appended.
+        code = f"print({tag!r}, {i}, len(seen))\nseen.append({i})"
+        expected = len([k for k in range(i) if k % 2 == 0 and k % 5 != 4])
+    return code, f"{tag} {i} {expected}"
+
+
+def test_eight_dash_kernels_twenty_cells_each(
+    tenant_gateway: Gateway, accounts: dict[str, str], tmp_path: Path
+) -> None:
+    """Eight notebooks at once on a 2-core pool (two worker slots): every cell completes with
+    its own output, none hangs, nothing lands in another kernel or after its cell's idle."""
+    import concurrent.futures
+
+    env_of = {}
+    for user in ("alice", "bob"):
+        env = dict(without_dash_env(), DASH_GATEWAY_URL=tenant_gateway.url)
+        env["DASH_TOKEN"] = accounts[user]
+        env_of[user] = env
+
+    def notebook(n: int) -> list[str]:
+        tag = f"nb{n}"
+        problems = []
+        user = ("alice", "bob")[n % 2]
+        with KernelDriver("dash", env=env_of[user], cwd=str(tmp_path)) as kernel:
+            setup = kernel.execute("import dash_kernel as dk\nseen = []", timeout=240)
+            if setup.status != "ok":
+                return [f"{tag} setup: {setup.traceback_text()}"]
+            for i in range(STRESS_CELLS):
+                code, expected = _stress_cell(tag, i)
+                done = kernel.execute(code, timeout=240)
+                lines = [
+                    line for line in done.stream().splitlines() if not line.startswith("DASH: ")
+                ]
+                if done.status != "ok" or lines != [expected]:
+                    problems.append(
+                        f"{tag} cell {i}: {done.status} {lines!r} {done.traceback_text()}"
+                    )
+            strays = [
+                m
+                for m in kernel.strays
+                if m["msg_type"] in ("stream", "execute_result", "error", "display_data")
+            ]
+            if strays:
+                problems.append(f"{tag}: output after its cell's idle: {strays[:3]}")
+        return problems
+
+    with concurrent.futures.ThreadPoolExecutor(STRESS_KERNELS) as pool:
+        results = list(pool.map(notebook, range(STRESS_KERNELS)))
+    problems = [p for r in results for p in r]
+    assert not problems, "\n".join(problems[:10])
