@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 from dask.utils import parse_bytes
@@ -190,9 +191,10 @@ class DashGateway(ExtensionApp):
 
     keep_clusters_running = Bool(
         False,
-        help="Leave users' schedulers running when the gateway exits, for the next gateway on "
-        "this data directory to adopt (tenancy='per-user'); each stops by itself after "
-        "cluster_idle_timeout if none does.",
+        help="Leave users' schedulers and leased workers running when the gateway exits, for "
+        "the next gateway on this data directory to adopt, so that a restart loses no session "
+        "and no running work (tenancy='per-user'); each stops by itself after "
+        "cluster_idle_timeout if none comes.",
     ).tag(config=True)
 
     local_workers = Int(
@@ -412,6 +414,9 @@ class DashGateway(ExtensionApp):
         broker.backends = [
             LocalLeaseBackend(
                 clusters.lease_root(),
+                records=Path(self.data_dir) / "clusters" / "leases",
+                keep_running=self.keep_clusters_running,
+                death_timeout=self.cluster_idle_timeout,
                 parent=self,
                 workers=self.local_workers,
                 threads=self.worker_threads,

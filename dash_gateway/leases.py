@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import json
 import logging
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -32,13 +33,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from traitlets import Float, Instance, Int, List, Type
+import psutil
+from traitlets import Bool, Float, Instance, Int, List, Type
 from traitlets.config import LoggingConfigurable
 
 from dash_gateway.cluster import ChildProcess
 from dash_gateway.policy import LOCAL_MACHINE
 from dash_gateway.scheduler_rpc import call_scheduler
-from dash_gateway.user_clusters import UserClusters, scheduler_environment
+from dash_gateway.user_clusters import (
+    UserClusters,
+    same_process,
+    scheduler_environment,
+    stop_process,
+)
+from dash_kernel.files import write_atomic
 from dash_kernel.resources import format_resources, session_worker_resources, worker_resources
 
 log = logging.getLogger(__name__)
@@ -132,8 +140,12 @@ class LeaseBackend(LoggingConfigurable):
         """Has ``lease``'s worker process ended by itself?"""
         raise NotImplementedError
 
+    async def adopt(self) -> list[Lease]:
+        """Leases a previous gateway left running (``keep_running``), to be taken over."""
+        return []
+
     async def close(self) -> None:
-        """Stop every worker this backend started."""
+        """Stop every worker this backend started (unless they are kept running)."""
 
 
 class LocalLeaseBackend(LeaseBackend):
@@ -154,10 +166,22 @@ class LocalLeaseBackend(LeaseBackend):
         "none of the workers' cores (an idle session needs memory, not a core).",
     ).tag(config=True)
 
-    def __init__(self, run_root: Path, **kwargs: Any):
+    keep_running = Bool(
+        False,
+        help="Leave lease workers running when the gateway exits, for the next gateway to adopt; "
+        "a worker whose scheduler is gone for death_timeout seconds then exits by itself.",
+    ).tag(config=True)
+    death_timeout = Float(
+        120.0, help="Seconds a kept lease worker waits for a scheduler it lost before it exits."
+    ).tag(config=True)
+
+    def __init__(self, run_root: Path, records: Path | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.run_root = run_root
+        # Where leases left running are recorded, for the next gateway (never user-visible).
+        self.records = records
         self._processes: dict[str, ChildProcess] = {}
+        self._adopted: dict[str, tuple[int, float]] = {}  # lease id -> (pid, create time)
 
     def slots(self) -> list[Slot]:
         memory = self.memory_limit or None
@@ -188,34 +212,96 @@ class LocalLeaseBackend(LeaseBackend):
             "--tls-ca", ca, "--tls-cert", cert, "--tls-key", key,
             "--name", lease.worker_name,
             "--local-directory", str(run_dir),
-            "--parent-pid", str(os.getpid()),
+            "--parent-pid", "0" if self.keep_running else str(os.getpid()),
         ]  # fmt: skip
+        if self.keep_running:
+            argv += ["--death-timeout", str(self.death_timeout)]
         if host:
             argv += ["--host", host]
         if lease.slot.kind == "session":
             argv.append("--session-worker")
         process = ChildProcess(f"lease {lease.id} ({lease.user})")
-        process.spawn(argv, scheduler_environment(run_dir), cwd=str(run_dir))
+        log_file = str(run_dir / "worker.log") if self.keep_running else None
+        process.spawn(argv, scheduler_environment(run_dir), cwd=str(run_dir), log_file=log_file)
         self._processes[lease.id] = process
+        if self.keep_running and self.records is not None and process.pid is not None:
+            record = {
+                **lease.to_json(),
+                "cluster_address": lease.cluster_address,
+                "slot": lease.slot.key,
+                "pid": process.pid,
+                "create_time": psutil.Process(process.pid).create_time(),
+            }
+            self.records.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_atomic(self.records / f"{lease.id}.json", json.dumps(record))
 
     async def stop(self, lease: Lease) -> None:
         process = self._processes.pop(lease.id, None)
         if process is not None:
             await process.terminate()
-        shutil.rmtree(self.run_root / lease.id, ignore_errors=True)
+        adopted = self._adopted.pop(lease.id, None)
+        if adopted is not None:
+            await asyncio.to_thread(stop_process, *adopted)
+        self._forget(lease.id)
 
     def exited(self, lease: Lease) -> bool:
+        adopted = self._adopted.get(lease.id)
+        if adopted is not None:
+            return not same_process(*adopted)
         process = self._processes.get(lease.id)
         return process is None or process.exited() is not None
 
+    async def adopt(self) -> list[Lease]:
+        if self.records is None or not self.records.is_dir():
+            return []
+        slots = {slot.key: slot for slot in self.slots()}
+        out = []
+        for path in sorted(self.records.glob("L*.json")):
+            try:
+                record = json.loads(path.read_text())
+                pid, started = int(record["pid"]), float(record["create_time"])
+                lease = Lease(
+                    str(record["id"]),
+                    str(record["user"]),
+                    str(record["cluster_address"]),
+                    slots[str(record["slot"])],
+                    granted_at=float(record["granted"]),
+                    registered_at=record.get("registered"),
+                    state="running",
+                )
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("Ignoring the unreadable lease record %s", path)
+                path.unlink(missing_ok=True)
+                continue
+            if not same_process(pid, started):
+                self._forget(lease.id)
+                continue
+            self._adopted[lease.id] = (pid, started)
+            out.append(lease)
+        return out
+
+    def _forget(self, lease_id: str) -> None:
+        if self.records is not None:
+            (self.records / f"{lease_id}.json").unlink(missing_ok=True)
+        shutil.rmtree(self.run_root / lease_id, ignore_errors=True)
+
     async def close(self) -> None:
-        await asyncio.gather(*(p.terminate() for p in self._processes.values()))
+        if not self.keep_running:
+            await asyncio.gather(*(p.terminate() for p in self._processes.values()))
+            for lease_id, adopted in list(self._adopted.items()):
+                await asyncio.to_thread(stop_process, *adopted)
+                self._forget(lease_id)
         self._processes.clear()
+        self._adopted.clear()
 
     def close_now(self) -> None:
-        for process in self._processes.values():
-            process.terminate_now()
+        if not self.keep_running:
+            for process in self._processes.values():
+                process.terminate_now()
+            for adopted in self._adopted.values():
+                stop_process(*adopted)
         self._processes.clear()
+        self._adopted.clear()
 
 
 def _loopback_host(address: str) -> str | None:
@@ -322,25 +408,44 @@ class Broker(LoggingConfigurable):
         self._leases: dict[str, Lease] = {}
         self._backend_of: dict[str, LeaseBackend] = {}
         self._waiting_since: dict[tuple[str, tuple[tuple[str, float], ...]], float] = {}
-        self._ids = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._told: dict[str, tuple[str, list[dict[str, Any]]]] = {}
 
     # ----- lifecycle -------------------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Take over the leases a previous gateway left running whose cluster is adopted too
+        (the rest are stopped), then start brokering."""
+        running = self.clusters.running()
+        for backend in self.backends:
+            for lease in await backend.adopt():
+                self._leases[lease.id] = lease
+                self._backend_of[lease.id] = backend
+                record = running.get(lease.user)
+                if record is None or record.address != lease.cluster_address:
+                    await self._end(lease, "its cluster is gone")
+                else:
+                    log.info("Adopted lease %s: %s's worker on %s", lease.id, lease.user,
+                             lease.slot.describe())  # fmt: skip
         self._task = asyncio.create_task(self._run(), name="dash-broker")
 
     async def close(self) -> None:
+        """Stop brokering; end every lease unless its backend keeps them running."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await asyncio.gather(*(self._end(lease, "the gateway stops") for lease in self.leases()))
+        kept = [lease for lease in self.leases() if self._keeps(lease)]
+        await asyncio.gather(
+            *(self._end(lease, "the gateway stops") for lease in self.leases() if lease not in kept)
+        )
         for backend in self.backends:
             await backend.close()
+
+    def _keeps(self, lease: Lease) -> bool:
+        return bool(getattr(self._backend_of.get(lease.id), "keep_running", False))
 
     def close_now(self) -> None:
         """Last resort at interpreter exit: leave no lease worker behind."""
@@ -495,7 +600,7 @@ class Broker(LoggingConfigurable):
 
     async def _grant(self, user: str, address: str, slot: Slot) -> None:
         backend = next(b for b in self.backends if slot in b.slots())
-        lease = Lease(f"L{next(self._ids)}", user, address, slot)
+        lease = Lease(f"L{secrets.token_hex(4)}", user, address, slot)
         self._leases[lease.id] = lease
         self._backend_of[lease.id] = backend
         log.info("Lease %s: %s to %s's cluster", lease.id, slot.describe(), user)

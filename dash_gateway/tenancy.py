@@ -45,7 +45,7 @@ class PerUserClusters:
         self.ca = CertificateAuthority(self.data_dir / "tls")
         await self.clusters.start()
         atexit.register(self.broker.close_now)
-        self.broker.start()
+        await self.broker.start()
         self.state = "running"
 
     async def stop(self) -> None:

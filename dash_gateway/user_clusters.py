@@ -426,25 +426,30 @@ def _private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
-def _same_process(record: ClusterRecord) -> bool:
-    """Is the recorded pid still the scheduler it was (not a reused pid, not a zombie)?"""
+def same_process(pid: int, create_time: float) -> bool:
+    """Is ``pid`` still the process started at ``create_time`` (not a reused pid, not a zombie)?"""
     try:
-        proc = psutil.Process(record.pid)
-        return (
-            abs(proc.create_time() - record.create_time) < 0.5
-            and proc.status() != psutil.STATUS_ZOMBIE
-        )
+        proc = psutil.Process(pid)
+        return abs(proc.create_time() - create_time) < 0.5 and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
 
-def _stop_pid(record: ClusterRecord, grace: float = TERMINATE_GRACE) -> None:
-    """Stop a scheduler this gateway did not start: SIGTERM, then SIGKILL after ``grace``."""
-    if not _same_process(record):
+def stop_process(pid: int, create_time: float, grace: float = TERMINATE_GRACE) -> None:
+    """Stop a process this gateway did not start: SIGTERM, then SIGKILL after ``grace``."""
+    if not same_process(pid, create_time):
         return
     with contextlib.suppress(psutil.Error):
-        proc = psutil.Process(record.pid)
+        proc = psutil.Process(pid)
         proc.terminate()
         _, alive = psutil.wait_procs([proc], timeout=grace)
         for p in alive:
             p.kill()
+
+
+def _same_process(record: ClusterRecord) -> bool:
+    return same_process(record.pid, record.create_time)
+
+
+def _stop_pid(record: ClusterRecord, grace: float = TERMINATE_GRACE) -> None:
+    stop_process(record.pid, record.create_time, grace)

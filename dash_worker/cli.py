@@ -47,6 +47,12 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         "--name", default=None, help="the name of the one worker (with --nworkers 1; a lease)"
     )
     parser.add_argument(
+        "--death-timeout",
+        type=float,
+        default=None,
+        help="seconds a worker waits for a scheduler it lost before it exits (default: forever)",
+    )
+    parser.add_argument(
         "--session-worker",
         action="store_true",
         help="declare a session worker: it takes one remote session and no other work",

@@ -89,6 +89,7 @@ def make_nannies(args: argparse.Namespace) -> list[Nanny]:
             security=security,
             host=args.host,
             local_directory=args.local_directory,
+            death_timeout=args.death_timeout,
         )
         for i in range(args.nworkers)
     ]

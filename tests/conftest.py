@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -54,6 +55,13 @@ def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proces
     while alive(procs) and time.monotonic() < deadline:
         time.sleep(0.1)
     return alive(procs)
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return f"pid {proc.pid} (gone)"
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
@@ -216,9 +224,12 @@ class Gateway:
             f"(last status: {last!r}):\n{self.log()[-8000:]}"
         )
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> None:
-        """Send ``sig``, wait for the gateway to exit, and assert no descendant is left."""
-        procs = self.descendants()
+    def stop(
+        self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT, *, keeps: bool = False
+    ) -> None:
+        """Send ``sig``, wait for the gateway to exit, and assert no descendant is left
+        (unless it ``keeps`` users' clusters running for the next gateway to adopt)."""
+        procs = [] if keeps else self.descendants()
         if self.process.poll() is None:
             self.process.send_signal(sig)
             try:
@@ -230,9 +241,11 @@ class Gateway:
                     f"dash-gateway ignored {sig!r} for {timeout:.0f}s:\n{self.log()[-8000:]}"
                 )
         left = wait_gone(procs, timeout=15)
+        described = [_cmdline(p) for p in left]
         for p in left:
-            p.kill()
-        assert not left, f"processes left behind: {[p.cmdline() for p in left]}"
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        assert not left, f"processes left behind: {described}"
 
 
 def launch_gateway(
@@ -389,9 +402,11 @@ class Contributor:
                 self.process.wait()
                 pytest.fail(f"dash-worker ignored SIGTERM:\n{self.log()[-6000:]}")
         left = wait_gone(procs, timeout=15)
+        described = [_cmdline(p) for p in left]
         for p in left:
-            p.kill()
-        assert not left, f"processes left behind: {[p.cmdline() for p in left]}"
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        assert not left, f"processes left behind: {described}"
 
 
 def run_dash_worker(tmp: Path, *args: str, name: str = "agent") -> Contributor:
