@@ -151,15 +151,6 @@ class DashGateway(ExtensionApp):
         "work). Contributed machines join the shared cluster only, for now.",
     ).tag(config=True)
 
-    @validate("tenancy")
-    def _validate_tenancy(self, proposal: dict[str, Any]) -> str:
-        if proposal["value"] == "per-user" and self.scheduler_address:
-            raise ValueError(
-                "tenancy='per-user' starts each user's scheduler itself; it cannot be combined "
-                "with --scheduler-address (an existing cluster is the single-tenant mode)"
-            )
-        return proposal["value"]
-
     cluster_idle_timeout = Float(
         600.0,
         help="Seconds a user's cluster (tenancy='per-user') may have no client and no work "
@@ -367,6 +358,12 @@ class DashGateway(ExtensionApp):
 
     def initialize_settings(self) -> None:
         self._route_module_logs()
+        if self.tenancy == "per-user" and self.scheduler_address:
+            self.log.critical(
+                "tenancy='per-user' starts each user's scheduler itself; it cannot be combined "
+                "with --scheduler-address (an existing cluster is the single-tenant mode)"
+            )
+            self.exit(1)
         # Before anything reads or writes the registry, the CA or storage.
         self._lock_data_dir()
         self.cluster = (

@@ -199,6 +199,13 @@ class ClusterHandler(DashAPIHandler):
         if isinstance(self.cluster, PerUserClusters):
             await self._own_cluster()
             return
+        if self.cluster.external_scheduler and not is_operator(self):
+            raise http_error(
+                403,
+                "this gateway uses an existing Dask scheduler (--scheduler-address), which "
+                "cannot keep users apart: only the operator may use it. Ask the operator to "
+                "run the gateway with --tenancy per-user for a cluster of your own.",
+            )
         address = await self.cluster.wait_for_scheduler(SCHEDULER_WAIT)
         if not address:
             raise web.HTTPError(503, "the DASH scheduler is not running yet; try again shortly")

@@ -260,6 +260,13 @@ def test_two_users_dash_kernels_run_side_by_side(
         for user in kernels:
             mine = [x for x in held if x["user"] == user]
             assert [x["resources"].get("pool:session") for x in mine] == [1], held
+        # The dashboard's overview: each user sees their own session only, the operator both.
+        for user in kernels:
+            code, view = tenant_gateway.request("dash/api/overview", token=accounts[user])
+            assert code == 200, view
+            assert [row["user"] for row in view["sessions"]] == [user], view["sessions"]
+        code, view = tenant_gateway.request("dash/api/overview")
+        assert sorted(row["user"] for row in view["sessions"]) == ["alice", "bob"]
         for user, kernel in kernels.items():
             done = kernel.execute(
                 "import dash_kernel as dk\n"
@@ -396,3 +403,20 @@ def test_eight_dash_kernels_twenty_cells_each(
         results = list(pool.map(notebook, range(STRESS_KERNELS)))
     problems = [p for r in results for p in r]
     assert not problems, "\n".join(problems[:10])
+
+
+def test_an_existing_scheduler_is_single_tenant(gateway_factory) -> None:
+    gw = gateway_factory(local_workers=0, extra=["--scheduler-address=tls://127.0.0.1:9"])
+    gw.wait_for_workers(0)
+    token = gw.add_users("carol")["carol"]
+    code, reply = gw.request("dash/api/cluster", token=token)
+    assert code == 403, reply
+    assert "--scheduler-address" in reply["message"] and "--tenancy per-user" in reply["message"]
+    code, reply = gw.request("dash/api/cluster")
+    assert code == 200 and reply["scheduler"] == "tls://127.0.0.1:9"
+
+    refused = gateway_factory(
+        local_workers=0, extra=["--scheduler-address=tls://127.0.0.1:9", "--tenancy=per-user"]
+    )
+    assert refused.process.wait(60) != 0
+    assert "cannot be combined with --scheduler-address" in refused.log()
