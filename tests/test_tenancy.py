@@ -24,8 +24,15 @@ from dash_kernel.resources import worker_resources
 
 pytestmark = pytest.mark.timeout(180)
 
-# Users' schedulers and workers cannot import this test module: ship its functions by value.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+@pytest.fixture(autouse=True, scope="module")
+def _by_value() -> Iterator[None]:
+    """Users' schedulers and workers cannot import this test module: ship its functions by
+    value while it runs (and only then: other modules check the registry is left empty)."""
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)
+    yield
+    cloudpickle.unregister_pickle_by_value(module)
 
 
 @pytest.fixture(scope="module")
@@ -359,6 +366,7 @@ def _stress_cell(tag: str, i: int) -> tuple[str, str]:
     return code, f"{tag} {i} {expected}"
 
 
+@pytest.mark.timeout(420)
 def test_eight_dash_kernels_twenty_cells_each(
     tenant_gateway: Gateway, accounts: dict[str, str], tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
@@ -20,7 +21,16 @@ from test_tenancy import cluster_of, leases, security_from
 
 pytestmark = pytest.mark.timeout(300)
 
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+@pytest.fixture(autouse=True, scope="module")
+def _by_value() -> Iterator[None]:
+    """Users' schedulers and workers cannot import this test module: ship its functions by
+    value while it runs (and only then: other modules check the registry is left empty)."""
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)
+    yield
+    cloudpickle.unregister_pickle_by_value(module)
+
 
 KEEP = ["--tenancy=per-user", "--DashGateway.keep_clusters_running=True"]
 
