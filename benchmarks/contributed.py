@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .harness import Benchmark, Context, Result, median
+from .harness import Benchmark, Context, Result, median, plain_worker_argv
 
 GPU_MODEL = "NVIDIA L4"
 GPU_DECLARATION = f"{GPU_MODEL}:24GB"
@@ -92,12 +92,7 @@ def run_join(ctx: Context) -> Result:
         # The same scheduler admits the gateway's own machine name with its CA's certificate.
         ca_file, cert, key = ca.issue("worker", LOCAL_MACHINE).write(logs, f"raw{i}")
         worker = f"{LOCAL_MACHINE}-raw{i}"
-        argv = [
-            sys.executable, "-m", "distributed.cli.dask_worker", scheduler,
-            "--name", worker, "--nthreads", "1", "--memory-limit", "1GB", "--no-dashboard",
-            "--tls-ca-file", ca_file, "--tls-cert", cert, "--tls-key", key,
-            "--resources", "pool:cpu=1000000",
-        ]  # fmt: skip
+        argv = plain_worker_argv(scheduler, worker, ca_file, cert, key)
         raw.append(_seconds_to_first_task(client, argv, worker, logs / f"raw{i}.log"))
     return Result(dash=median(dash), baseline=median(raw), n=len(dash), extra={"dash_all": dash})
 

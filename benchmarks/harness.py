@@ -265,6 +265,17 @@ class OtherLoad:
 # ---------------------------------------------------------------- the cluster
 
 
+def plain_worker_argv(scheduler: str, name: str, ca: str, cert: str, key: str) -> list[str]:
+    """A plain ``dask worker`` (one thread, 1 GB, a CPU worker by DASH's tags) with a ready
+    certificate: the baseline for a DASH worker joining."""
+    return [
+        sys.executable, "-m", "distributed.cli.dask_worker", scheduler,
+        "--name", name, "--nthreads", "1", "--memory-limit", "1GB", "--no-dashboard",
+        "--tls-ca-file", ca, "--tls-cert", cert, "--tls-key", key,
+        "--resources", "pool:cpu=1000000",
+    ]  # fmt: skip
+
+
 @contextlib.contextmanager
 def environment(**changes: str) -> Iterator[None]:
     """Set environment variables for the duration (for children started meanwhile)."""

@@ -12,12 +12,11 @@ own record.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .harness import Benchmark, Context, Result, median, percentile, tests_module
+from .harness import Benchmark, Context, Result, median, percentile, plain_worker_argv, tests_module
 
 IDLE_TIMEOUT = 1.0
 
@@ -111,12 +110,7 @@ def _plain_worker_first_task(client: Any, scheduler: str, tls: Any, logs: Path, 
 
     ca, cert, key = tls.lease_worker(LOCAL_MACHINE).write(logs, f"raw{i}")
     worker = f"{LOCAL_MACHINE}-raw{i}"
-    argv = [
-        sys.executable, "-m", "distributed.cli.dask_worker", scheduler,
-        "--name", worker, "--nthreads", "1", "--memory-limit", "1GB", "--no-dashboard",
-        "--tls-ca-file", ca, "--tls-cert", cert, "--tls-key", key,
-        "--resources", "pool:cpu=1000000",
-    ]  # fmt: skip
+    argv = plain_worker_argv(scheduler, worker, ca, cert, key)
     start = time.perf_counter()
     with open(logs / f"raw{i}.log", "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)

@@ -322,6 +322,17 @@ def bare_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         gw.stop()
 
 
+@pytest.fixture(scope="module")
+def by_value(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Ship the test module's own functions by value while it runs (and only then: other
+    modules check that the registry is left empty)."""
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(request.module)
+    yield
+    cloudpickle.unregister_pickle_by_value(request.module)
+
+
 # A per-user gateway's pool: two local worker slots (and 8 session slots) for two users.
 TENANT_SLOTS = 2
 

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
 import pytest
 from conftest import Gateway, wait_until
 from distributed import Client, Worker, get_worker
@@ -22,17 +20,8 @@ from kernels import KernelDriver, dash_ipython_kernel, without_dash_env
 from dash_gateway.leases import FirstComeFirstServed, Lease, Request, Slot
 from dash_kernel.resources import worker_resources
 
-pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _by_value() -> Iterator[None]:
-    """Users' schedulers and workers cannot import this test module: ship its functions by
-    value while it runs (and only then: other modules check the registry is left empty)."""
-    module = sys.modules[__name__]
-    cloudpickle.register_pickle_by_value(module)
-    yield
-    cloudpickle.unregister_pickle_by_value(module)
+# Users' schedulers and workers cannot import this module: its functions travel by value.
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("by_value")]
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import cloudpickle
 import psutil
 import pytest
 from conftest import Gateway, launch_gateway, wait_gone, wait_until
@@ -19,17 +16,8 @@ from distributed import Client
 from kernels import KernelDriver, without_dash_env
 from test_tenancy import cluster_of, leases, security_from
 
-pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _by_value() -> Iterator[None]:
-    """Users' schedulers and workers cannot import this test module: ship its functions by
-    value while it runs (and only then: other modules check the registry is left empty)."""
-    module = sys.modules[__name__]
-    cloudpickle.register_pickle_by_value(module)
-    yield
-    cloudpickle.unregister_pickle_by_value(module)
+# Users' schedulers and workers cannot import this module: its functions travel by value.
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("by_value")]
 
 
 KEEP = ["--tenancy=per-user", "--DashGateway.keep_clusters_running=True"]
