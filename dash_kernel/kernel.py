@@ -90,7 +90,7 @@ class DashKernel(IPythonKernel):
     banner = f"DASH distributed {__version__}: cells run on a DASH worker (%%local runs here)."
 
     request_timeout = Float(
-        5.0,
+        15.0,
         config=True,
         help="Seconds to wait for the remote session's answer to a complete, inspect, "
         "is_complete, history or comm_info request before answering without it.",

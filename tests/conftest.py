@@ -248,6 +248,12 @@ class Gateway:
         assert not left, f"processes left behind: {described}"
 
 
+def _default_sigint() -> None:
+    # As from a terminal: Ctrl-C stops the gateway, even when the test process ignores
+    # SIGINT (a child inherits an ignored signal, and Python then keeps it ignored).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def launch_gateway(
     tmp: Path,
     *,
@@ -288,7 +294,12 @@ def launch_gateway(
         env.pop(name, None)
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            argv,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            preexec_fn=_default_sigint,
         )
     url = f"http://127.0.0.1:{port}/"
     kernel_env = dict(os.environ, DASH_GATEWAY_URL=url, DASH_TOKEN=token)

@@ -25,7 +25,8 @@ IDS = {
     "gpu_slots",
     "lease",
 }
-SELECTED = {"magic_roundtrip", "fanout", "join", "gpu_slots", "lease"}
+# One row of each kind: on the gateway's cluster, on a joined machine, on leases.
+SELECTED = {"fanout", "join", "lease"}
 KEYS = {"id", "what", "dash", "baseline", "baseline_name", "unit", "ratio", "n"}
 
 
@@ -77,10 +78,10 @@ def test_quick_run_writes_a_valid_report(tmp_path):
             assert abs(row["ratio"] - row["dash"] / row["baseline"]) < 1e-3 * row["ratio"], row
     for name in SELECTED:
         assert not rows[name].get("missing"), rows[name]
-    for name in ("cell_roundtrip", "storage", "restore", "startup"):
+    for name in IDS - SELECTED:
         assert rows[name]["missing"], name
-    magic = rows["magic_roundtrip"]
-    assert magic["dash_p95"] >= magic["dash"] and magic["baseline_p95"] >= magic["baseline"]
+    lease = rows["lease"]
+    assert lease["granted_to_registered_p95_s"] >= lease["granted_to_registered_median_s"] > 0
 
     table = done.stdout
     assert all(name in table for name in IDS), table

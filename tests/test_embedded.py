@@ -43,7 +43,7 @@ def test_embedded_cluster_runs_magics_and_map_and_leaves_nothing_behind(tmp_path
 
 # ----- work slower than the queue notice, on a cluster without DASH's scheduler plugin -----
 
-SLOW = 10  # seconds: well past the 3 s after which DASH looks for why work waits
+SLOW = 5  # seconds: past the 3 s after which DASH looks for why work waits
 
 
 def _bare_env(tmp_path, workers: int) -> dict[str, str]:

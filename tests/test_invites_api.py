@@ -420,7 +420,12 @@ def test_manual_approval_and_a_restart(gateway_factory) -> None:
         gw.stop()
 
     # Same data directory, new process: accounts, machines and tokens are all still there.
-    again = gateway_factory(local_workers=0, data_dir=gw.data_dir)
+    # (A heartbeat timeout longer than any restart: the stored state is what is checked.)
+    again = gateway_factory(
+        local_workers=0,
+        data_dir=gw.data_dir,
+        extra=["--DashGateway.worker_heartbeat_timeout=3600"],
+    )
     again.wait_for_workers(0)
     try:
         assert again.call("GET", "dash/api/status", token=tokens["frank"])[0] == 200
